@@ -1,0 +1,85 @@
+"""Poem forms: lines, line lengths, and the classical labels 五言/七言/杂言 × 绝句/律诗/排律."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+# Full-width (and a few half-width) marks that end a line of verse.
+LINE_BREAKS = "，。？！；：、,.?!;:\n"
+_SPLIT = re.compile("[" + re.escape(LINE_BREAKS) + "]+")
+PUNCTUATION = set(LINE_BREAKS) | set("「」『』《》（）()〈〉…·—")
+
+
+@dataclass(frozen=True)
+class Form:
+    line_lengths: tuple[int, ...]
+
+    @property
+    def n_lines(self) -> int:
+        return len(self.line_lengths)
+
+    @property
+    def meter(self) -> str:
+        """五言 / 七言 when every line has 5 / 7 characters, otherwise 杂言."""
+        lengths = set(self.line_lengths)
+        if lengths == {5}:
+            return "五言"
+        if lengths == {7}:
+            return "七言"
+        return "杂言"
+
+    @property
+    def shape(self) -> str:
+        """绝句 (4 lines), 律诗 (8 lines), 排律 (more, even), or 其他."""
+        if self.n_lines == 4:
+            return "绝句"
+        if self.n_lines == 8:
+            return "律诗"
+        if self.n_lines > 8 and self.n_lines % 2 == 0:
+            return "排律"
+        return "其他"
+
+    @property
+    def label(self) -> str:
+        return self.meter + self.shape
+
+
+def split_lines(text: str) -> list[str]:
+    """Verse lines of a poem: the text between line-ending punctuation and newlines."""
+    return [line.strip() for line in _SPLIT.split(text) if line.strip()]
+
+
+def classify(text: str) -> Form:
+    return Form(tuple(len(line) for line in split_lines(text)))
+
+
+def is_strict_five(text: str) -> bool:
+    """Strict 五言: at least one line, and every line exactly 5 characters."""
+    return classify(text).meter == "五言"
+
+
+def is_strict_seven(text: str) -> bool:
+    return classify(text).meter == "七言"
+
+
+def is_well_formed(text: str) -> bool:
+    """All lines the same length, an even number of lines, and the poem ends in punctuation."""
+    form = classify(text)
+    stripped = text.rstrip()
+    return (
+        form.n_lines > 0
+        and form.n_lines % 2 == 0
+        and len(set(form.line_lengths)) == 1
+        and stripped[-1] in PUNCTUATION
+    )
+
+
+def is_degenerate(text: str) -> bool:
+    """Empty, a single line with no break, a line repeated, or punctuation only."""
+    lines = split_lines(text)
+    if not lines:
+        return True
+    if "\n" not in text.strip() and len(lines) < 2:
+        return True
+    return len(set(lines)) < len(lines)
