@@ -46,7 +46,7 @@ def build_pairs(poems: Sequence[Poem], rule: str, strategy: str, seed: int) -> l
     rng.shuffle(chosen)
     match = _random_partners if strategy == "random" else _length_matched_partners
     rows = []
-    for good, bad in zip(chosen, match(chosen, rejected, rng)):
+    for good, bad in zip(chosen, match(chosen, rejected, rng), strict=True):
         rows.append(
             {
                 "prompt": build_prompt(good.title),

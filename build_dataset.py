@@ -1,0 +1,84 @@
+"""Build the poem preference dataset: corpus JSON files -> `datasets.DatasetDict` on disk.
+
+    python build_dataset.py                                   # default corpus, rule five_char
+    python build_dataset.py --rule seven_char --pairing length_matched --output_dir data/pairs_7
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+
+from transformers import HfArgumentParser
+
+from poemdpo.corpus import DEFAULT_CORPUS, CorpusError, read_corpus
+from poemdpo.dataset import build_preference_dataset, push_to_hub, save
+from poemdpo.pairs import STRATEGIES
+from poemdpo.rules import RULES
+from poemdpo.splits import DEFAULT_SPLIT_SEED, DEFAULT_TEST_SIZE
+
+
+@dataclass
+class BuildArguments:
+    corpus: str = field(
+        default=str(DEFAULT_CORPUS),
+        metadata={"help": "A directory of chinese-poetry JSON files (poet.tang.*.json / poet.song.*.json) "
+                  "or a single such file."},
+    )
+    output_dir: str = field(
+        default=None, metadata={"help": "Where to save the DatasetDict (default: data/pairs_<rule>)."}
+    )
+    rule: str = field(
+        default="five_char",
+        metadata={"help": "Which poems are preferred; all others are rejected.", "choices": sorted(RULES)},
+    )
+    pairing: str = field(
+        default="random",
+        metadata={"help": "random: any rejected poem; length_matched: the rejected poem nearest in length, "
+                  "so DPO cannot win by length alone.", "choices": list(STRATEGIES)},
+    )
+    seed: int = field(default=42, metadata={"help": "Seed for the pairing (which poems meet)."})
+    split_seed: int = field(
+        default=DEFAULT_SPLIT_SEED,
+        metadata={"help": "Seed of the title split. Keep the default: the embedded base model held out these "
+                  "titles, so a different split would test it on titles it trained on."},
+    )
+    test_size: float = field(default=DEFAULT_TEST_SIZE, metadata={"help": "Fraction of titles held out as test."})
+    to_simplified: bool = field(
+        default=False, metadata={"help": "Convert to simplified characters with OpenCC (default: keep traditional)."}
+    )
+    skip_bad: bool = field(
+        default=False,
+        metadata={"help": "Count and skip unreadable files and malformed poems instead of stopping at the first."},
+    )
+    push_to_hub: str = field(
+        default=None, metadata={"help": "A Hub dataset repo id to push to, with a dataset card."}
+    )
+
+
+def main(argv: list[str] | None = None) -> dict:
+    (args,) = HfArgumentParser(BuildArguments).parse_args_into_dataclasses(args=argv)
+    output_dir = args.output_dir or f"data/pairs_{args.rule}"
+    start = time.perf_counter()
+    try:
+        poems, corpus_stats = read_corpus(args.corpus, skip_bad=args.skip_bad, to_simplified=args.to_simplified)
+        dataset, stats = build_preference_dataset(
+            poems, args.rule, args.pairing, args.seed, args.test_size, args.split_seed, corpus_stats
+        )
+    except (CorpusError, ValueError) as e:
+        sys.exit(f"build_dataset.py: error: {e}")
+    save(dataset, stats, output_dir)
+    print(json.dumps(stats, ensure_ascii=False, indent=2))
+    print(f"saved {dataset} to {output_dir} in {time.perf_counter() - start:.1f}s")
+    if args.push_to_hub:
+        try:
+            push_to_hub(dataset, stats, args.push_to_hub)
+        except RuntimeError as e:
+            sys.exit(f"build_dataset.py: error: {e}")
+    return stats
+
+
+if __name__ == "__main__":
+    main()
