@@ -1,0 +1,124 @@
+"""generate_poems: batched sampling with left padding, seeded, completion only, state restored.
+
+Also home of the tiny tokenizer/model helpers the other evaluation tests import.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from conftest import make_corpus_poems
+from poemdpo.generation import generate_poems, prompt_texts
+from poemdpo.prompts import build_prompt
+from poemdpo.tokenizer import train_char_tokenizer
+
+TITLES = ["無題1", "秋夜長思故鄉", "月", "送君", "山中"]
+
+
+def tiny_tokenizer():
+    texts = ["\n".join(p["paragraphs"]) + p["title"] for p in make_corpus_poems()]
+    return train_char_tokenizer(texts, min_frequency=1)
+
+
+def tiny_lm(tokenizer, seed: int = 0, tie: bool = True) -> LlamaForCausalLM:
+    """A random tiny Llama. Tied, its greedy choice just repeats the last token (the residual stream
+    still holds that token's embedding); untied (`tie=False`) it writes varied characters."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256, tie_word_embeddings=tie,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    return LlamaForCausalLM(config)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    return tiny_lm(tok)
+
+
+def test_one_completion_per_title_without_prompt_or_specials(tok, model):
+    poems = generate_poems(model, tok, TITLES, max_new_tokens=20, batch_size=2)
+    assert len(poems) == len(TITLES)
+    for poem in poems:
+        assert isinstance(poem, str) and poem
+        assert not any(s in poem for s in ("<INS>", "<INP>", "<RES>", "<pad>", "</s>", "<s>"))
+        assert len(poem) <= 20  # char-level: at most one character per new token
+
+
+def test_deterministic_for_a_seed_and_leaves_global_rng_alone(tok, model):
+    torch.manual_seed(123)
+    expected_next = torch.rand(1)
+    torch.manual_seed(123)
+    first = generate_poems(model, tok, TITLES, max_new_tokens=30, seed=7)
+    assert torch.equal(torch.rand(1), expected_next)
+    assert generate_poems(model, tok, TITLES, max_new_tokens=30, seed=7) == first
+    assert generate_poems(model, tok, TITLES, max_new_tokens=30, seed=8) != first
+
+
+def test_left_padding_gives_the_same_greedy_text_as_one_by_one(tok):
+    model = tiny_lm(tok, tie=False)
+    # Titles of different lengths, so the batched prompts really are padded.
+    batched = generate_poems(model, tok, TITLES, max_new_tokens=15, batch_size=len(TITLES), do_sample=False)
+    single = generate_poems(model, tok, TITLES, max_new_tokens=15, batch_size=1, do_sample=False)
+    assert all(len(poem) >= 10 for poem in single)  # real text, not specials stripped to nothing
+    assert batched == single
+
+
+def test_restores_train_mode_and_padding_side(tok, model):
+    model.train()
+    tok.padding_side = "right"
+    generate_poems(model, tok, TITLES[:2], max_new_tokens=5)
+    assert model.training and tok.padding_side == "right"
+    model.eval()
+    generate_poems(model, tok, TITLES[:2], max_new_tokens=5)
+    assert not model.training
+
+
+class ScriptedLM(torch.nn.Module):
+    """Stands in for a model: `generate` appends a fixed continuation, so the cut at eos can be checked."""
+
+    def __init__(self, continuation: list[int]):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.continuation = continuation
+        self.seen_kwargs: dict = {}
+
+    def generate(self, input_ids, attention_mask, **kwargs):
+        self.seen_kwargs = kwargs
+        tail = torch.tensor(self.continuation).expand(input_ids.shape[0], -1)
+        return torch.cat([input_ids, tail], dim=1)
+
+
+def test_cuts_at_the_first_eos_and_strips_specials(tok):
+    ids = tok.convert_tokens_to_ids
+    fake = ScriptedLM([ids("山"), ids("<RES>"), ids("水"), tok.eos_token_id, ids("月"), tok.pad_token_id])
+    assert generate_poems(fake, tok, ["月", "送君"]) == ["山水", "山水"]
+    assert fake.seen_kwargs["top_k"] == 0 and fake.seen_kwargs["temperature"] == 1.0
+    generate_poems(fake, tok, ["月"], do_sample=False)
+    assert "temperature" not in fake.seen_kwargs and fake.seen_kwargs["do_sample"] is False
+
+
+def test_chat_template_is_used_when_the_tokenizer_has_one(tok, model):
+    assert prompt_texts(tok, ["月"]) == [build_prompt("月")]
+    chat_tok = tiny_tokenizer()
+    chat_tok.chat_template = "{% for m in messages %}<INS>{{ m['content'] }}{% endfor %}<RES>"
+    (prompt,) = prompt_texts(chat_tok, ["月"])
+    assert prompt.startswith("<INS>") and prompt.endswith("月<RES>")
+    assert len(generate_poems(model, chat_tok, ["月", "送君"], max_new_tokens=5)) == 2
+
+
+def test_works_on_a_peft_model(tok):
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(tiny_lm(tok), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    poems = generate_poems(peft_model, tok, TITLES[:3], max_new_tokens=8)
+    assert len(poems) == 3 and all(isinstance(p, str) for p in poems)
