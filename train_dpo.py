@@ -1,0 +1,122 @@
+"""Align a causal LM with DPO (TRL's DPOTrainer) against a frozen reference copy of itself.
+
+    python train_dpo.py --config configs/dpo_tiny_cpu.yaml                      # the embedded default
+    python train_dpo.py --config configs/dpo_tiny_cpu.yaml --beta 0.2 --max_train_pairs 500
+    accelerate launch --config_file configs/accelerate/cpu_ddp.yaml train_dpo.py --config configs/dpo_tiny_cpu.yaml
+
+Every field of the recipe can be overridden on the command line; `--help` lists them all.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from trl import DPOConfig, DPOTrainer, ModelConfig, TrlParser, get_peft_config
+
+from poemdpo.dpo import (
+    ConfigError,
+    DPOScriptArguments,
+    check_removed_keys,
+    check_settings,
+    check_token_boundaries,
+    check_tokenizer_covers,
+    load_frozen_reference,
+    load_pairs,
+    load_policy,
+    load_tokenizer,
+    preference_rule,
+    select_pairs,
+    to_conversational,
+    use_chat_format,
+)
+from poemdpo.generation import generate_poems
+from poemdpo.hub import check_hub_access, push_final_model
+from poemdpo.model_card import write_model_card
+from poemdpo.samples import SamplePoemsCallback
+
+
+def main(argv: list[str] | None = None) -> DPOTrainer:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = TrlParser((DPOScriptArguments, DPOConfig, ModelConfig))
+    try:
+        # 1. Arguments: recipe YAML, then the command line; refuse what TRL would silently drop.
+        check_removed_keys(argv)
+        try:
+            script_args, args, model_args = parser.parse_args_and_config(args=argv)
+        except ValueError as e:  # unknown keys in the recipe or on the command line, bad values
+            raise ConfigError(str(e)) from None
+        check_settings(args, script_args)
+        if args.push_to_hub:
+            check_hub_access(args.hub_model_id)  # before training, not after an hour of it
+
+        # 2. Data: the pairs built by build_dataset.py (or a Hub dataset with the same columns).
+        dataset, stats = load_pairs(script_args)
+        rule = preference_rule(script_args, stats)
+        train = select_pairs(dataset[script_args.dataset_train_split], script_args.max_train_pairs, args.seed)
+        test = select_pairs(dataset[script_args.dataset_test_split], script_args.max_eval_pairs, args.seed)
+        titles = sorted(set(dataset[script_args.dataset_test_split]["title"]))[: script_args.sample_titles]
+
+        # 3. Models: the policy, and a frozen copy as reference (none with LoRA: the adapter is switched off).
+        tokenizer = load_tokenizer(model_args)
+        model = load_policy(model_args)
+        needs_reference = not (model_args.use_peft or args.precompute_ref_log_probs)
+        ref_model = load_frozen_reference(model_args) if needs_reference else None
+
+        # 4. Prompts as the model expects them, checked token by token before any training.
+        if use_chat_format(tokenizer, script_args.prompt_format):
+            train, test = to_conversational(train), to_conversational(test)
+        check_tokenizer_covers(tokenizer, train)
+        check_token_boundaries(tokenizer, train, script_args.boundary_check_rows)
+    except ConfigError as e:
+        parser.error(str(e))
+
+    # The policy is still the reference here: its poems are the reference's, sampled once.
+    reference_poems = generate_poems(model, tokenizer, titles, max_new_tokens=script_args.sample_max_new_tokens,
+                                     seed=args.seed)
+
+    # 5. Train.
+    trainer = DPOTrainer(
+        model=model,
+        ref_model=ref_model,
+        args=args,
+        train_dataset=train,
+        eval_dataset=test if args.eval_strategy != "no" else None,
+        processing_class=tokenizer,
+        peft_config=get_peft_config(model_args),
+    )
+    samples = SamplePoemsCallback(
+        trainer, titles, reference_poems, rule,
+        every_steps=script_args.sample_every_steps or int(args.eval_steps or args.logging_steps),
+        table_rows=script_args.sample_table_rows, max_new_tokens=script_args.sample_max_new_tokens, seed=args.seed,
+    )
+    trainer.add_callback(samples)
+    resume = args.resume_from_checkpoint
+    trainer.train(resume_from_checkpoint=True if resume in ("true", "True") else resume)
+    metrics = trainer.evaluate() if trainer.eval_dataset is not None else {}
+
+    # 6. Save model + tokenizer + card; push if asked.
+    trainer.save_model(args.output_dir)
+    if trainer.is_world_process_zero():
+        last = samples.last or samples.sample(trainer.state.global_step)
+        write_model_card(
+            args.output_dir, base_model=model_args.model_name_or_path, dataset=script_args.dataset_name,
+            rule=rule, args=args, use_peft=model_args.use_peft, train_pairs=len(train),
+            metrics={**metrics, **_last_train_metrics(trainer)}, sample_rates=last.get("metrics", {}),
+            sample_table=last.get("table", ""),
+        )
+        print(f"saved the aligned model to {args.output_dir}")
+        if args.push_to_hub:
+            push_final_model(trainer)
+    return trainer
+
+
+def _last_train_metrics(trainer: DPOTrainer) -> dict:
+    """The newest training log entry that carries DPO rewards."""
+    for entry in reversed(trainer.state.log_history):
+        if "rewards/margins" in entry:
+            return {k: v for k, v in entry.items() if k != "step"}
+    return {}
+
+
+if __name__ == "__main__":
+    main()
