@@ -1,0 +1,161 @@
+"""Metrics: Wilson intervals, form rates, distinct-n, loss per character and DPO reward statistics."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from test_generation import tiny_lm, tiny_tokenizer
+
+from poemdpo.metrics import (
+    completion_logprobs,
+    degenerate_rate,
+    distinct_n,
+    dpo_reward_stats,
+    form_distribution,
+    loss_per_character,
+    rate_of,
+    score_completions,
+    strict_five_rate,
+    well_formed_rate,
+    wilson_interval,
+)
+from poemdpo.prompts import build_prompt
+
+FIVE_JUEJU = "白日依山盡，黃河入海流。\n欲窮千里目，更上一層樓。"
+FIVE_LUSHI = "空山新雨後，天氣晚來秋。\n明月松間照，清泉石上流。\n竹喧歸浣女，蓮動下漁舟。\n隨意春芳歇，王孫自可留。"
+SEVEN_JUEJU = "朝辭白帝彩雲間，千里江陵一日還。\n兩岸猿聲啼不住，輕舟已過萬重山。"
+MIXED = "君不見，黃河之水天上來。\n奔流到海不復回。"
+ONE_COUPLET = "白日依山盡，黃河入海流。"  # 五言, two lines on one text line: not degenerate
+NO_BREAK = "白日依山盡黃河入海流欲窮千里目"  # a single line, no break at all
+REPEATED = "山高月小明，水落石出清。\n山高月小明，水落石出清。"
+EMPTY = ""
+PUNCT_ONLY = "，。\n！？"
+POEMS = [FIVE_JUEJU, FIVE_LUSHI, SEVEN_JUEJU, MIXED, ONE_COUPLET, REPEATED, EMPTY, PUNCT_ONLY, NO_BREAK]
+
+
+@pytest.mark.parametrize(
+    ("successes", "n", "expected"),
+    [(8, 10, (0.4902, 0.9433)), (0, 10, (0.0, 0.2775)), (50, 100, (0.4038, 0.5962)), (10, 10, (0.7225, 1.0))],
+)
+def test_wilson_interval_known_values(successes, n, expected):
+    low, high = wilson_interval(successes, n)
+    assert low == pytest.approx(expected[0], abs=1e-4)
+    assert high == pytest.approx(expected[1], abs=1e-4)
+    assert 0.0 <= low <= successes / n <= high <= 1.0
+
+
+def test_wilson_interval_edges():
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+    assert wilson_interval(8, 10, z=1.0)[0] > wilson_interval(8, 10)[0]  # lower confidence, narrower
+    with pytest.raises(ValueError):
+        wilson_interval(11, 10)
+
+
+def test_rates_on_hand_made_poems():
+    # strict 五言: the jueju, the lushi, the one couplet and the repeated one.
+    assert strict_five_rate(POEMS) == pytest.approx(4 / 9)
+    # well-formed (equal lengths, even line count, ends in punctuation): those four and the 七言 jueju.
+    assert well_formed_rate(POEMS) == pytest.approx(5 / 9)
+    # degenerate: repeated line, empty, punctuation only, no line break.
+    assert degenerate_rate(POEMS) == pytest.approx(4 / 9)
+    assert rate_of(lambda p: len(p) > 40, POEMS) == pytest.approx(1 / 9)
+    with pytest.raises(ValueError):
+        strict_five_rate([])
+
+
+def test_form_distribution_counts_every_cell():
+    dist = form_distribution(POEMS)
+    assert dist["n"] == 9
+    assert dist["counts"]["五言"] == {"绝句": 2, "律诗": 1, "other": 1}  # jueju + repeated; lushi; one couplet
+    assert dist["counts"]["七言"] == {"绝句": 1, "律诗": 0, "other": 0}
+    assert dist["counts"]["杂言"] == {"绝句": 0, "律诗": 0, "other": 4}  # mixed, empty, punctuation, no break
+    assert dist["meter_counts"] == {"五言": 4, "七言": 1, "杂言": 4}
+    assert dist["rates"]["五言"]["绝句"] == pytest.approx(2 / 9)
+    assert sum(dist["meter_rates"].values()) == pytest.approx(1.0)
+
+
+def test_distinct_n_by_hand():
+    # lines 山水山 and 水山: unigrams 山水山水山 -> 2 distinct / 5; bigrams 山水 水山 水山 -> 2 / 3.
+    poems = ["山水山，\n", "水山。"]
+    assert distinct_n(poems, 1) == pytest.approx(2 / 5)
+    assert distinct_n(poems, 2) == pytest.approx(2 / 3)
+    # No bigram spans the line break or the comma; punctuation is never a gram.
+    assert distinct_n(["山，水\n月"], 2) == 0.0
+    assert distinct_n([EMPTY, PUNCT_ONLY], 1) == 0.0
+    assert distinct_n([FIVE_JUEJU, FIVE_JUEJU], 1) == pytest.approx(distinct_n([FIVE_JUEJU], 1) / 2)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    return tiny_lm(tok, seed=0)
+
+
+def test_loss_per_character_matches_a_hand_computation(tok, model):
+    prompt, poem = build_prompt("無題1"), "山水風月，\n雲花春秋。"
+    ids = tok(prompt + poem + tok.eos_token, return_tensors="pt")["input_ids"]
+    n_prompt = len(tok(prompt)["input_ids"])
+    with torch.no_grad():
+        logps = torch.log_softmax(model(input_ids=ids).logits[0].double(), dim=-1)
+    nll = -sum(logps[t - 1, ids[0, t]].item() for t in range(n_prompt, ids.shape[1]))  # poem chars + eos
+    expected = nll / len(poem)
+
+    got = loss_per_character(model, tok, [prompt], [poem])
+    assert math.isfinite(got) and got > 0
+    assert got == pytest.approx(expected, rel=1e-5)
+    # A random model over this vocabulary is about uniform: close to log(vocab) nats per token.
+    assert got == pytest.approx(math.log(len(tok)) * (len(poem) + 1) / len(poem), rel=0.1)
+
+
+def test_scores_do_not_depend_on_batching_or_padding(tok, model):
+    prompts = [build_prompt(t) for t in ("月", "秋夜長思故鄉", "山中")]
+    poems = ["山水，\n風月。", "雲花春秋日夜人天，\n江河長城。", "白"]
+    one_by_one = completion_logprobs(model, tok, prompts, poems, batch_size=1)
+    batched = completion_logprobs(model, tok, prompts, poems, batch_size=3)
+    assert torch.allclose(one_by_one, batched, atol=1e-4)
+    assert (batched < 0).all()
+
+
+def test_max_length_scores_only_the_kept_completion_tokens(tok, model):
+    prompt, poem = build_prompt("月"), "山水風月雲花春秋"
+    n_prompt = len(tok(prompt)["input_ids"])
+    ((_, full_ids),) = score_completions(model, tok, [prompt], [poem])
+    ((_, cut_ids),) = score_completions(model, tok, [prompt], [poem], max_length=n_prompt + 3)
+    assert len(full_ids) == len(poem) + 1 and full_ids[-1] == tok.eos_token_id
+    assert cut_ids == full_ids[:3]
+
+
+ROWS = [
+    {"prompt": build_prompt("月"), "chosen": FIVE_JUEJU, "rejected": MIXED},
+    {"prompt": build_prompt("山中"), "chosen": FIVE_LUSHI, "rejected": SEVEN_JUEJU},
+]
+
+
+def test_reward_stats_of_a_policy_equal_to_its_reference(tok, model):
+    stats = dpo_reward_stats(model, copy.deepcopy(model), tok, ROWS, beta=0.1)
+    assert stats["n_pairs"] == 2
+    assert stats["mean_margin"] == 0.0 and stats["reward_accuracy"] == 0.0
+
+
+def test_reward_stats_match_their_definition(tok, model):
+    other = tiny_lm(tok, seed=1)
+    stats = dpo_reward_stats(other, model, tok, ROWS, beta=0.5, batch_size=3)
+    prompts = [r["prompt"] for r in ROWS]
+    chosen, rejected = [r["chosen"] for r in ROWS], [r["rejected"] for r in ROWS]
+    margins = 0.5 * (
+        (completion_logprobs(other, tok, prompts, chosen) - completion_logprobs(model, tok, prompts, chosen))
+        - (completion_logprobs(other, tok, prompts, rejected) - completion_logprobs(model, tok, prompts, rejected))
+    )
+    assert stats["mean_margin"] == pytest.approx(margins.mean().item(), abs=1e-6)
+    assert stats["reward_accuracy"] == pytest.approx((margins > 0).double().mean().item())
+    assert stats["mean_margin"] != 0.0
+    # Swapping policy and reference flips every margin's sign.
+    swapped = dpo_reward_stats(model, other, tok, ROWS, beta=0.5)
+    assert swapped["mean_margin"] == pytest.approx(-stats["mean_margin"], abs=1e-6)
