@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 
-from trl import DPOConfig, DPOTrainer, ModelConfig, TrlParser, get_peft_config
+from trl import DPOConfig, ModelConfig, TrlParser, get_peft_config
 
 from poemdpo.dpo import (
     ConfigError,
@@ -32,10 +32,10 @@ from poemdpo.dpo import (
 from poemdpo.generation import generate_poems
 from poemdpo.hub import check_hub_access, push_final_model
 from poemdpo.model_card import write_model_card
-from poemdpo.samples import SamplePoemsCallback
+from poemdpo.samples import PoemDPOTrainer, SamplePoemsCallback
 
 
-def main(argv: list[str] | None = None) -> DPOTrainer:
+def main(argv: list[str] | None = None) -> PoemDPOTrainer:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = TrlParser((DPOScriptArguments, DPOConfig, ModelConfig))
     try:
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> DPOTrainer:
                                      seed=args.seed)
 
     # 5. Train.
-    trainer = DPOTrainer(
+    trainer = PoemDPOTrainer(
         model=model,
         ref_model=ref_model,
         args=args,
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> DPOTrainer:
     return trainer
 
 
-def _last_train_metrics(trainer: DPOTrainer) -> dict:
+def _last_train_metrics(trainer: PoemDPOTrainer) -> dict:
     """The newest training log entry that carries DPO rewards."""
     for entry in reversed(trainer.state.log_history):
         if "rewards/margins" in entry:

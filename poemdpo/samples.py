@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from transformers import Trainer, TrainerCallback
+from transformers import TrainerCallback
+from trl import DPOTrainer
 
 from .forms import classify
 from .generation import generate_poems
@@ -28,6 +29,24 @@ def side_by_side(titles: list[str], aligned: list[str], reference: list[str], ro
     return "\n".join(lines)
 
 
+class PoemDPOTrainer(DPOTrainer):
+    """DPOTrainer whose training logs also carry metrics that callbacks hand in (the sample poems' rates).
+
+    Logging from inside a callback with `trainer.log` on one process desynchronises the processes of a
+    multi-process run; handing the figures to the next regular log keeps every process on the same path.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.pending_metrics: dict[str, float] = {}
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self.model.training:
+            logs.update(self.pending_metrics)
+            self.pending_metrics = {}
+        super().log(logs, start_time)
+
+
 class SamplePoemsCallback(TrainerCallback):
     """Every `every_steps` and at the end: sample the policy, log the rule's rate, print the table.
 
@@ -35,7 +54,7 @@ class SamplePoemsCallback(TrainerCallback):
     reference model is needed here: this works the same with LoRA and precomputed log-probs.
     """
 
-    def __init__(self, trainer: Trainer, titles: list[str], reference_poems: list[str], rule: str,
+    def __init__(self, trainer: PoemDPOTrainer, titles: list[str], reference_poems: list[str], rule: str,
                  every_steps: int, table_rows: int, max_new_tokens: int, seed: int):
         self.trainer, self.titles, self.reference_poems = trainer, titles, reference_poems
         self.rule, self.every_steps, self.table_rows = rule, every_steps, table_rows
@@ -53,8 +72,9 @@ class SamplePoemsCallback(TrainerCallback):
         }
         table = side_by_side(self.titles, poems, self.reference_poems, self.table_rows)
         self.last = {"step": step, "poems": poems, "metrics": metrics, "table": table}
-        # Trainer.log, not DPOTrainer.log: the latter would flush the running DPO metrics early.
-        Trainer.log(self.trainer, metrics)
+        self.trainer.pending_metrics.update(metrics)
+        if not self.trainer.is_world_process_zero():
+            return self.last
         print(f"\nstep {step}: {self.rule} rate aligned {metrics[f'samples/{self.rule}_rate']:.2f} "
               f"vs reference {metrics[f'samples/{self.rule}_rate_reference']:.2f}\n{table}\n")
         output = Path(self.trainer.args.output_dir) / "samples.md"
@@ -62,10 +82,10 @@ class SamplePoemsCallback(TrainerCallback):
             f.write(f"\n## step {step}\n\n{table}\n")
         return self.last
 
+    # Every process samples (the same poems) and asks for a log line at this step, so all take the
+    # same path through the Trainer; only process 0 prints and writes.
     def on_step_end(self, args, state, control, **kwargs):
-        if self.titles and state.is_world_process_zero and state.global_step % self.every_steps == 0:
+        if self.titles and (state.global_step % self.every_steps == 0 or state.global_step >= state.max_steps):
             self.sample(state.global_step)
-
-    def on_train_end(self, args, state, control, **kwargs):
-        if self.titles and state.is_world_process_zero and self.last.get("step") != state.global_step:
-            self.sample(state.global_step)
+            control.should_log = True
+        return control

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -125,3 +130,103 @@ def test_unknown_key_in_recipe_and_wrong_columns(tmp_path, pairs_dir, capsys):
     with pytest.raises(SystemExit):
         run(tmp_path, model_dir, tmp_path / "renamed")
     assert "lacks column(s) ['chosen']" in capsys.readouterr().err
+
+
+def dpo_command(model_dir, pairs_dir, out, *extra) -> list[str]:
+    return [sys.executable, "train_dpo.py", "--config", "configs/dpo_tiny_cpu.yaml", "--model_name_or_path",
+            model_dir, "--dataset_name", str(pairs_dir), "--output_dir", str(out), "--per_device_train_batch_size",
+            "4", "--max_eval_pairs", "8", "--logging_steps", "1", "--sample_titles", "2",
+            "--sample_max_new_tokens", "16", "--report_to", "none", *extra]
+
+
+def test_resume_after_sigkill_ends_at_the_same_step(tmp_path, pairs_dir):
+    model_dir = tiny_model_dir(tmp_path / "base", "llama", pairs_dir)
+    out = tmp_path / "out"
+    command = dpo_command(model_dir, pairs_dir, out, "--max_steps", "20", "--save_steps", "4",
+                          "--save_total_limit", "2", "--eval_steps", "20")
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not list(out.glob("checkpoint-*/trainer_state.json")) and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    saved = sorted(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*"))
+    assert saved and saved[-1] < 20, "the run should have been killed mid-way"
+    resumed = subprocess.run(command + ["--resume_from_checkpoint", "true"], check=True, capture_output=True,
+                             text=True)
+    # The resumed run trains only the steps after the last checkpoint, each logged once.
+    assert resumed.stdout.count("'loss':") == 20 - saved[-1]
+    state = json.loads((out / "checkpoint-20" / "trainer_state.json").read_text())
+    assert state["global_step"] == 20
+    assert [e["step"] for e in state["log_history"] if "loss" in e] == list(range(1, 21))
+    assert AutoModelForCausalLM.from_pretrained(out) is not None
+
+
+def test_two_process_ddp_on_cpu_with_accelerate(tmp_path, pairs_dir):
+    model_dir = tiny_model_dir(tmp_path / "base", "llama", pairs_dir)
+    out = tmp_path / "out"
+    command = dpo_command(model_dir, pairs_dir, out, "--max_train_pairs", "32", "--eval_steps", "2",
+                          "--save_strategy", "no")
+    launch = ["accelerate", "launch", "--config_file", "configs/accelerate/cpu_ddp.yaml",
+              "--main_process_port", str(29500 + os.getpid() % 1000)]
+    result = subprocess.run(launch + command[1:], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    # 32 pairs, 4 per process, 2 processes: 4 optimizer steps (one process would take 8).
+    state_logs = [line for line in result.stderr.splitlines() + result.stdout.splitlines() if "train_runtime" in line]
+    assert state_logs
+    assert "4/4" in result.stderr
+    assert (out / "model.safetensors").is_file() and (out / "README.md").is_file()
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'user' %}<INS>{{ m['content'] }}<RES>"
+    "{% else %}{{ m['content'] }}</s>{% endif %}{% endfor %}"
+)
+# The generation prompt adds a marker the full conversation never has: the boundary check must stop it.
+BROKEN_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'user' %}<INS>{{ m['content'] }}"
+    "{% else %}<INP>{{ m['content'] }}</s>{% endif %}{% endfor %}{% if add_generation_prompt %}<RES>{% endif %}"
+)
+
+
+def with_chat_template(model_dir: str, template: str) -> str:
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.chat_template = template
+    tokenizer.save_pretrained(model_dir)
+    return model_dir
+
+
+def test_chat_template_model_trains_on_conversational_rows(tmp_path, pairs_dir):
+    model_dir = with_chat_template(tiny_model_dir(tmp_path / "base", "llama", pairs_dir), CHAT_TEMPLATE)
+    trainer, out = run(tmp_path, model_dir, pairs_dir, "--max_steps", "2")
+    first = trainer.train_dataset[0]
+    tokenizer = trainer.processing_class
+    prompt = tokenizer.decode(first["prompt_ids"])
+    assert prompt.startswith("<INS>請用以下題目寫一首詩") and prompt.endswith("<RES>")
+    assert tokenizer.decode(first["chosen_ids"]).endswith("</s>")
+    assert (out / "model.safetensors").is_file()
+
+
+def test_prompt_that_is_not_a_token_prefix_stops_before_training(tmp_path, pairs_dir, capsys):
+    model_dir = with_chat_template(tiny_model_dir(tmp_path / "base", "llama", pairs_dir), BROKEN_TEMPLATE)
+    with pytest.raises(SystemExit):
+        run(tmp_path, model_dir, pairs_dir, "--max_steps", "1")
+    assert "row 0: the tokenized prompt is not a prefix of the tokenized prompt+chosen" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in __import__("pathlib").Path("configs").glob("dpo_*.yaml")))
+def test_recipes_state_their_settings_and_parse(recipe):
+    import yaml
+    from trl import DPOConfig, ModelConfig, TrlParser
+
+    from poemdpo.dpo import DPOScriptArguments
+
+    settings = yaml.safe_load(open(f"configs/{recipe}", encoding="utf-8"))
+    deliberate = {"learning_rate", "beta", "loss_type", "activation_checkpointing", "bf16", "dtype", "max_length",
+                  "output_dir", "model_name_or_path", "dataset_name"}
+    assert deliberate <= set(settings), deliberate - set(settings)
+    parser = TrlParser((DPOScriptArguments, DPOConfig, ModelConfig))
+    # A GPU recipe is parsed as if on a CPU: every key must still be known.
+    _, args, _ = parser.parse_args_and_config(["--config", f"configs/{recipe}", "--bf16", "false", "--use_cpu", "true"])
+    assert args.loss_type == list(settings["loss_type"])
