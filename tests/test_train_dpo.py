@@ -230,3 +230,24 @@ def test_recipes_state_their_settings_and_parse(recipe):
     # A GPU recipe is parsed as if on a CPU: every key must still be known.
     _, args, _ = parser.parse_args_and_config(["--config", f"configs/{recipe}", "--bf16", "false", "--use_cpu", "true"])
     assert args.loss_type == list(settings["loss_type"])
+
+
+@pytest.mark.parametrize("losses", [["ipo"], ["hinge"], ["robust"], ["sigmoid_norm"], ["sigmoid", "sft"]])
+def test_loss_types_pass_straight_to_trl(tmp_path, pairs_dir, losses):
+    model_dir = tiny_model_dir(tmp_path / "base", "llama", pairs_dir)
+    trainer, _ = run(tmp_path, model_dir, pairs_dir, "--max_steps", "1", "--loss_type", *losses,
+                     "--loss_weights", *["1.0"] * len(losses), "--eval_strategy", "no", "--sample_titles", "0")
+    assert trainer.loss_types == losses
+    assert trainer.state.global_step == 1
+
+
+def test_push_to_hub_offline_fails_before_training(tmp_path, pairs_dir, capsys, monkeypatch):
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setenv("HF_TOKEN", "hf_dummy")
+    model_dir = tiny_model_dir(tmp_path / "base", "llama", pairs_dir)
+    start = time.time()
+    with pytest.raises(SystemExit):
+        run(tmp_path, model_dir, pairs_dir, "--push_to_hub", "true", "--hub_model_id", "someone/poem-dpo")
+    assert "push_to_hub is set but the Hub cannot be used" in capsys.readouterr().err
+    assert time.time() - start < 30
+    assert not (tmp_path / "out" / "model.safetensors").exists()
