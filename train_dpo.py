@@ -4,7 +4,8 @@
     python train_dpo.py --config configs/dpo_tiny_cpu.yaml --beta 0.2 --max_train_pairs 500
     accelerate launch --config_file configs/accelerate/cpu_ddp.yaml train_dpo.py --config configs/dpo_tiny_cpu.yaml
 
-Every field of the recipe can be overridden on the command line; `--help` lists them all.
+Without --config the embedded default's recipe, configs/dpo_tiny_cpu.yaml, is read. Every field of the
+recipe can be overridden on the command line; `--help` lists them all.
 """
 
 from __future__ import annotations
@@ -34,9 +35,13 @@ from poemdpo.hub import check_hub_access, push_final_model
 from poemdpo.model_card import write_model_card
 from poemdpo.samples import PoemDPOTrainer, SamplePoemsCallback
 
+DEFAULT_RECIPE = "configs/dpo_tiny_cpu.yaml"
+
 
 def main(argv: list[str] | None = None) -> PoemDPOTrainer:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if "--config" not in argv and not {"-h", "--help"} & set(argv):
+        argv = ["--config", DEFAULT_RECIPE, *argv]
     parser = TrlParser((DPOScriptArguments, DPOConfig, ModelConfig))
     try:
         # 1. Arguments: recipe YAML, then the command line; refuse what TRL would silently drop.
