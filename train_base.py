@@ -1,0 +1,35 @@
+"""Train the default base model: a small character-level Llama, from scratch, on the corpus's training split.
+
+    python train_base.py                                   # the recipe configs/base_tiny_cpu.yaml
+    python train_base.py --config my.yaml --learning_rate 1e-3
+    python train_base.py --resume_from_checkpoint true     # continue from the latest checkpoint
+
+Options are BaseModelArguments (poemdpo/base_model.py) and transformers' TrainingArguments; see --help.
+Without --config, the recipe above is read first; command-line options override it.
+"""
+
+import logging
+import sys
+
+from transformers import Trainer, TrainingArguments
+from trl import TrlParser
+
+from poemdpo.base_model import BaseModelArguments, train_base
+
+DEFAULT_CONFIG = "configs/base_tiny_cpu.yaml"
+
+
+def main(argv: list[str] | None = None) -> Trainer:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--config" not in argv and not {"-h", "--help"} & set(argv):
+        argv = ["--config", DEFAULT_CONFIG, *argv]
+    parser = TrlParser((BaseModelArguments, TrainingArguments), description=__doc__)
+    args, training_args = parser.parse_args_and_config(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    trainer = train_base(args, training_args)
+    print(f"saved to {training_args.output_dir}")
+    return trainer
+
+
+if __name__ == "__main__":
+    main()
