@@ -1,0 +1,93 @@
+"""Try DPO recipes on the embedded default and print one row of figures per recipe.
+
+    python bench/recipe_sweep.py                                  # every recipe in SWEEP below
+    python bench/recipe_sweep.py --only sigmoid+sft,ipo --num_titles 300
+
+Each recipe is `configs/dpo_tiny_cpu.yaml` plus overrides; each run trains with train_dpo.py, then
+samples one poem per held-out title at temperature 1.0 (the same seed for every run) and scores the
+held-out 五言 poems. The reference (base model) is measured once. docs/recipes.md records the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+from datasets import load_from_disk
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import train_dpo  # noqa: E402
+from poemdpo.forms import is_degenerate  # noqa: E402
+from poemdpo.generation import generate_poems  # noqa: E402
+from poemdpo.metrics import distinct_n, loss_per_character  # noqa: E402
+from poemdpo.samples import rule_rate  # noqa: E402
+
+# name -> train_dpo.py overrides of the default recipe
+SWEEP: dict[str, list[str]] = {
+    "default": [],
+    "sigmoid": ["--loss_type", "sigmoid", "--loss_weights", "1.0"],
+    "sigmoid_norm+sft": ["--loss_type", "sigmoid_norm", "sft", "--loss_weights", "1.0", "1.0"],
+    "ipo": ["--loss_type", "ipo", "--loss_weights", "1.0"],
+    "sigmoid+sft ld_alpha 0.5": ["--ld_alpha", "0.5"],
+    "sigmoid+sft 4000 pairs": ["--max_train_pairs", "4000"],
+    "sigmoid+sft lr 2e-4": ["--learning_rate", "2e-4"],
+    "sigmoid+sft beta 0.5": ["--beta", "0.5"],
+}
+
+
+def measure(model_dir: str, tokenizer_dir: str, titles: list[str], held_out: tuple[list[str], list[str]],
+            rule: str) -> dict:
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    poems = generate_poems(model, tokenizer, titles, temperature=1.0, seed=0, batch_size=64)
+    return {
+        "rate": rule_rate(poems, rule),
+        "degenerate": sum(map(is_degenerate, poems)) / len(poems),
+        "distinct_2": distinct_n(poems, 2),
+        "loss_five": loss_per_character(model, tokenizer, held_out[0], held_out[1], batch_size=64),
+        "example": poems[0].replace("\n", " / "),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base_model", default="data/base_model", help="reference / starting model")
+    parser.add_argument("--dataset", default="data/pairs_five_char", help="pairs from build_dataset.py")
+    parser.add_argument("--rule", default="five_char", help="the rule whose rate is reported")
+    parser.add_argument("--num_titles", type=int, default=300, help="held-out titles to sample for")
+    parser.add_argument("--only", default=None, help="comma-separated recipe names from SWEEP")
+    parser.add_argument("--extra", default="", help="overrides added to every run, e.g. '--max_train_pairs 500'")
+    parser.add_argument("--work_dir", default="data/sweep", help="where runs are written (deleted after)")
+    args = parser.parse_args()
+
+    test = load_from_disk(args.dataset)["test"]
+    titles = sorted(set(test["title"]))[: args.num_titles]
+    held_out = (list(test["prompt"]), list(test["chosen"]))
+    names = args.only.split(",") if args.only else list(SWEEP)
+    reference = measure(args.base_model, args.base_model, titles, held_out, args.rule)
+    print(f"| recipe | {args.rule} rate | degenerate | distinct-2 | held-out 五言 loss/char | train s | example |")
+    print("|---|---|---|---|---|---|---|")
+    print(f"| reference (base) | {reference['rate']:.1%} | {reference['degenerate']:.1%} | "
+          f"{reference['distinct_2']:.3f} | {reference['loss_five']:.3f} | - | {reference['example']} |", flush=True)
+    for name in names:
+        out = Path(args.work_dir) / name.replace(" ", "_")
+        start = time.perf_counter()
+        train_dpo.main(["--config", "configs/dpo_tiny_cpu.yaml", "--model_name_or_path", args.base_model,
+                        "--dataset_name", args.dataset, "--output_dir", str(out), "--save_strategy", "no",
+                        "--eval_strategy", "no", "--sample_titles", "0", "--report_to", "none",
+                        *SWEEP[name], *args.extra.split()])
+        seconds = time.perf_counter() - start
+        m = measure(str(out), str(out), titles, held_out, args.rule)
+        print(f"| {name} {' '.join(SWEEP[name] + args.extra.split())} | {m['rate']:.1%} | {m['degenerate']:.1%} | "
+              f"{m['distinct_2']:.3f} | {m['loss_five']:.3f} | {seconds:.0f} | {m['example']} |", flush=True)
+        shutil.rmtree(out, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
