@@ -1,0 +1,123 @@
+"""poemdpo/speed.py: the compact LM head agrees with TRL's fused head; length columns feed group_by_length."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.trainer_pt_utils import LengthGroupedSampler
+from trl import DPOConfig, DPOTrainer
+from trl.trainer.utils import add_fused_lm_head
+
+from poemdpo.speed import LENGTH_COLUMN, add_compact_lm_head, supports_compact_head, use_compact_lm_head, with_lengths
+from poemdpo.tokenizer import train_char_tokenizer
+
+OUTPUTS = ("log_probs", "entropy", "mean_logits", "is_top1", "log_sum_sq_probs")
+PAIRS = {
+    "prompt": ["<INS>請用以下題目寫一首詩<INP>山<RES>", "<INS>請用以下題目寫一首詩<INP>水月<RES>"] * 4,
+    "chosen": ["白日依山盡，黃河入海流。", "床前明月光，疑是地上霜。舉頭望明月，低頭思故鄉。"] * 4,
+    "rejected": ["千山鳥飛絕", "春眠不覺曉，處處聞啼鳥。夜來風雨聲"] * 4,
+}
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_char_tokenizer(["".join(v) for v in zip(*PAIRS.values(), strict=True)], min_frequency=1)
+
+
+def tiny_model(tokenizer, seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
+                         tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id)
+    return LlamaForCausalLM(config)
+
+
+def batch(tokenizer):
+    """Two right-padded rows whose labels cover only the completion, as DPOTrainer builds them."""
+    texts = [p + c + tokenizer.eos_token for p, c in zip(PAIRS["prompt"][:2], PAIRS["chosen"][:2], strict=True)]
+    encoded = tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=False)
+    labels = encoded["input_ids"].clone()
+    for row, prompt in enumerate(PAIRS["prompt"][:2]):
+        labels[row, : len(tokenizer(prompt, add_special_tokens=False)["input_ids"])] = -100
+    labels[encoded["attention_mask"] == 0] = -100
+    return encoded, labels
+
+
+def test_compact_head_matches_trl_fused_head(tokenizer):
+    trl_model = tiny_model(tokenizer)
+    ours = copy.deepcopy(trl_model)
+    add_fused_lm_head(trl_model, outputs=OUTPUTS)
+    add_compact_lm_head(ours, outputs=OUTPUTS)
+    encoded, labels = batch(tokenizer)
+    expected = trl_model(**encoded, labels=labels, fused_lm_head=True)
+    got = ours(**encoded, labels=labels, fused_lm_head=True)
+    for name in ("log_probs", "entropy", "mean_logits", "log_sum_sq_probs"):
+        torch.testing.assert_close(getattr(got, name), getattr(expected, name), atol=1e-5, rtol=1e-5)
+    assert torch.equal(got.is_top1, expected.is_top1)
+    assert torch.equal(got.label_mask, expected.label_mask)
+    torch.testing.assert_close(got.loss, expected.loss)
+    assert (got.log_probs[labels[:, 1:] == -100] == 0).all()
+
+    # Same gradients: the DPO loss trains through log_probs only.
+    expected.log_probs.sum().backward()
+    got.log_probs.sum().backward()
+    for (name, a), (_, b) in zip(trl_model.named_parameters(), ours.named_parameters(), strict=True):
+        torch.testing.assert_close(b.grad, a.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_compact_head_leaves_the_plain_forward_and_generate_alone(tokenizer):
+    model = tiny_model(tokenizer).eval()
+    reference = copy.deepcopy(model)
+    add_compact_lm_head(model)
+    encoded, labels = batch(tokenizer)
+    torch.testing.assert_close(model(**encoded).logits, reference(**encoded).logits)
+    torch.testing.assert_close(model(**encoded, labels=labels).loss, reference(**encoded, labels=labels).loss)
+    prompt = tokenizer(PAIRS["prompt"][:1], return_tensors="pt", add_special_tokens=False)
+    out = model.generate(**prompt, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert torch.equal(out, reference.generate(**prompt, max_new_tokens=4, do_sample=False,
+                                               pad_token_id=tokenizer.pad_token_id))
+
+
+def test_supports_compact_head_refuses_rescaled_logits(tokenizer):
+    model = tiny_model(tokenizer)
+    assert supports_compact_head(model)
+    model.config.final_logit_softcapping = 30.0
+    assert not supports_compact_head(model)
+
+
+def test_with_lengths_counts_prompt_and_longer_completion():
+    rows = with_lengths(Dataset.from_dict({"prompt": ["abc"], "chosen": ["de"], "rejected": ["fghi"]}))
+    assert rows[LENGTH_COLUMN] == [3 + 4]
+    chat = Dataset.from_list([{"prompt": [{"role": "user", "content": "ab"}],
+                               "chosen": [{"role": "assistant", "content": "cde"}],
+                               "rejected": [{"role": "assistant", "content": "f"}]}])
+    assert with_lengths(chat)[LENGTH_COLUMN] == [2 + 3]
+
+
+def test_trainer_with_both_switches_trains_like_trl(tokenizer, tmp_path):
+    """group_by_length finds the length column; the compact head gives TRL's loss and metrics for a batch."""
+
+    def trainer(compact: bool) -> DPOTrainer:
+        model, reference = tiny_model(tokenizer), tiny_model(tokenizer)
+        args = DPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, activation_checkpointing=False,
+                         per_device_train_batch_size=4, max_steps=1, report_to="none", save_strategy="no",
+                         train_sampling_strategy="group_by_length", remove_unused_columns=False)
+        t = DPOTrainer(model=model, ref_model=reference, args=args, processing_class=tokenizer,
+                       train_dataset=with_lengths(Dataset.from_dict(PAIRS)))
+        if compact:
+            assert use_compact_lm_head(t)
+        return t
+
+    trl_trainer, ours = trainer(False), trainer(True)
+    assert isinstance(ours._get_train_sampler(), LengthGroupedSampler)
+    inputs = next(iter(ours.get_train_dataloader()))
+    losses = [t.compute_loss(t.model, inputs) for t in (trl_trainer, ours)]
+    torch.testing.assert_close(losses[1], losses[0], atol=1e-5, rtol=1e-5)
+    for key in ("entropy", "logits/chosen", "mean_token_accuracy", "rewards/margins"):
+        assert ours._metrics["train"][key] == pytest.approx(trl_trainer._metrics["train"][key], abs=1e-4), key
+    ours.train()
+    assert ours.state.global_step == 1
