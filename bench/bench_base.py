@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import random
 import sys
 import tempfile
@@ -27,7 +28,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback, TrainingArguments  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
 from trl import TrlParser  # noqa: E402
 
 from poemdpo import forms  # noqa: E402
@@ -92,21 +99,20 @@ def _tokens(batch: dict) -> int:
     return int((batch["labels"] != -100).sum())
 
 
-def plain_loop(model, batches: list[dict], training_args: TrainingArguments, warmup: int) -> float:
-    """The textbook loop: forward with labels, backward, clip, AdamW step. Returns timed tokens/s.
+def plain_loop(model, batches: list[dict], trainer: Trainer, warmup: int) -> float:
+    """The textbook loop: forward with labels, backward, clip, optimizer step. Returns timed tokens/s.
 
-    Same optimizer and precision as the trainer: AdamW, weight decay off for norms and biases, and bf16
-    autocast when the recipe asks for bf16.
+    Same optimizer as the trainer builds (class, hyper-parameters, no weight decay on norms), same
+    precision (bf16 autocast when the recipe asks for it).
     """
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    training_args = trainer.args
+    decay = set(trainer.get_decay_parameter_names(model))
     groups = [
-        {"params": decay, "weight_decay": training_args.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {"params": [p for n, p in model.named_parameters() if n in decay], "weight_decay": training_args.weight_decay},
+        {"params": [p for n, p in model.named_parameters() if n not in decay], "weight_decay": 0.0},
     ]
-    optimizer = torch.optim.AdamW(
-        groups, lr=training_args.learning_rate, betas=(training_args.adam_beta1, training_args.adam_beta2)
-    )
+    optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(training_args, model)
+    optimizer = optimizer_cls(groups, **optimizer_kwargs)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if training_args.bf16 else contextlib.nullcontext()
     model.train()
     tokens, start = 0, time.perf_counter()
@@ -149,7 +155,8 @@ def speed(args: BaseModelArguments, training_args: TrainingArguments, bench: Ben
     name = "SFTTrainer" if bench.sft_trainer else "Trainer"
     print(
         f"\n(a) speed: {n} steps per side ({bench.warmup} untimed), torch threads {torch.get_num_threads()}, "
-        f"bf16 {training_args.bf16}, gradient checkpointing {training_args.gradient_checkpointing}"
+        f"bf16 {training_args.bf16}, activation checkpointing {training_args.activation_checkpointing}, "
+        f"optimizer {training_args.optim}"
     )
     for round_ in range(bench.rounds):
         with tempfile.TemporaryDirectory() as tmp:
@@ -169,7 +176,7 @@ def speed(args: BaseModelArguments, training_args: TrainingArguments, bench: Ben
 
             model = build_model(args, trainer.processing_class)
             model.load_state_dict(trainer.model.state_dict())
-            plain = plain_loop(model, batches, training_args, bench.warmup)
+            plain = plain_loop(model, batches, trainer, bench.warmup)
 
             clock = StepClock()
             trainer.add_callback(clock)
@@ -252,6 +259,7 @@ def quality(model_dir: str, args: BaseModelArguments, bench: BenchArguments) -> 
 def main() -> None:
     parser = TrlParser((BaseModelArguments, TrainingArguments, BenchArguments), description=__doc__)
     args, training_args, bench = parser.parse_args_and_config()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.torch_threads is not None:
         torch.set_num_threads(args.torch_threads)
     output_dir = training_args.output_dir

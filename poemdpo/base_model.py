@@ -3,12 +3,13 @@
 Every training example is `build_prompt(title) + poem + eos` for a poem whose title is not held out, so
 the DPO test titles stay unseen. The tokenizer is built from those same texts (`poemdpo.tokenizer`).
 
-Training is transformers' `Trainer` on blocks packed by TRL's `pack_dataset`, so each step costs what a
-plain PyTorch loop costs (bench/bench_base.py measures both). Not TRL's `SFTTrainer`: in TRL 1.16 it
-always sends the loss through its chunked "fused LM head" (log-probs, entropy and top-1 accuracy per
-token, the projection recomputed in the backward pass); without Triton, on CPU, that made every step
-about 1.4-1.6x slower on this model, and no SFTConfig switch turns it off. The speed settings that do
-have switches (precision, batch size, threads, gradient checkpointing) live in configs/base_tiny_cpu.yaml.
+Training is transformers' `Trainer` on blocks packed by TRL's `pack_dataset`, so a step costs what a
+plain PyTorch loop costs (bench/bench_base.py measures both on the same batches). Not TRL's `SFTTrainer`:
+in TRL 1.16 it always routes the loss through its chunked "fused LM head" (per-token log-probs, entropy
+and top-1 accuracy for its metrics, the vocabulary projection recomputed in the backward pass). Without
+Triton, on this CPU, that ran at 0.64x a plain loop in fp32 and 0.50x with bf16 autocast, and no
+SFTConfig switch turns it off. The switches that do exist (precision, batch size, threads, activation
+checkpointing) are set in configs/base_tiny_cpu.yaml.
 """
 
 from __future__ import annotations
@@ -157,7 +158,8 @@ def packed_dataset(
     # eos ends every example, so the model learns where a poem stops.
     dataset = Dataset.from_dict({"text": [t + tokenizer.eos_token for t in texts]}).shuffle(seed=seed)
     dataset = dataset.map(
-        lambda batch: {"input_ids": tokenizer(batch["text"])["input_ids"]},
+        # verbose=False: poems longer than a block are expected here; packing cuts them, nothing is lost.
+        lambda batch: {"input_ids": tokenizer(batch["text"], verbose=False)["input_ids"]},
         batched=True,
         remove_columns=["text"],
         desc="tokenizing",
