@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, pipeline
 
 import train_base
@@ -22,12 +23,17 @@ TINY = [
     "--disable_tqdm", "true",
     # The recipe's bf16 autocast spends ~15 s creating CPU kernels on first use: longer than this whole run.
     "--bf16", "false",
+    "--torch_threads", "1",  # a tiny model gains nothing from more, and a busy machine loses a lot
 ]  # fmt: skip
 
 
 def run(corpus_dir: Path, output_dir: Path, *extra: str):
     argv = ["--config", "configs/base_tiny_cpu.yaml", "--corpus", str(corpus_dir), "--output_dir", str(output_dir)]
-    return train_base.main([*argv, *TINY, *extra])
+    threads = torch.get_num_threads()
+    try:
+        return train_base.main([*argv, *TINY, *extra])
+    finally:
+        torch.set_num_threads(threads)  # --torch_threads is process-wide; leave other tests as they were
 
 
 @pytest.fixture(scope="module")
