@@ -34,6 +34,7 @@ from poemdpo.generation import generate_poems
 from poemdpo.hub import check_hub_access, push_final_model
 from poemdpo.model_card import write_model_card
 from poemdpo.samples import PoemDPOTrainer, SamplePoemsCallback
+from poemdpo.speed import use_compact_lm_head, with_lengths
 
 DEFAULT_RECIPE = "configs/dpo_tiny_cpu.yaml"
 
@@ -59,6 +60,8 @@ def main(argv: list[str] | None = None) -> PoemDPOTrainer:
         rule = preference_rule(script_args, stats)
         train = select_pairs(dataset[script_args.dataset_train_split], script_args.max_train_pairs, args.seed)
         test = select_pairs(dataset[script_args.dataset_test_split], script_args.max_eval_pairs, args.seed)
+        # A `length` column lets `train_sampling_strategy: group_by_length` batch pairs of similar length.
+        train, test = with_lengths(train), with_lengths(test)
         titles = sorted(set(dataset[script_args.dataset_test_split]["title"]))[: script_args.sample_titles]
 
         # 3. Models: the policy, and a frozen copy as reference (none with LoRA: the adapter is switched off).
@@ -89,6 +92,7 @@ def main(argv: list[str] | None = None) -> PoemDPOTrainer:
         processing_class=tokenizer,
         peft_config=get_peft_config(model_args),
     )
+    use_compact_lm_head(trainer)  # off CUDA: only completion positions go through the LM head
     samples = SamplePoemsCallback(
         trainer, titles, reference_poems, rule,
         every_steps=script_args.sample_every_steps or int(args.eval_steps or args.logging_steps),
@@ -102,7 +106,7 @@ def main(argv: list[str] | None = None) -> PoemDPOTrainer:
     # 6. Save model + tokenizer + card; push if asked.
     trainer.save_model(args.output_dir)
     if trainer.is_world_process_zero():
-        last = samples.last or samples.sample(trainer.state.global_step)
+        last = samples.last or (samples.sample(trainer.state.global_step) if titles else {})
         write_model_card(
             args.output_dir, base_model=model_args.model_name_or_path, dataset=script_args.dataset_name,
             rule=rule, args=args, use_peft=model_args.use_peft, train_pairs=len(train),
