@@ -38,6 +38,9 @@ SWEEP: dict[str, list[str]] = {
     "sigmoid+sft 4000 pairs": ["--max_train_pairs", "4000"],
     "sigmoid+sft lr 2e-4": ["--learning_rate", "2e-4"],
     "sigmoid+sft beta 0.5": ["--beta", "0.5"],
+    "sigmoid+2·sft lr 3e-4": ["--learning_rate", "3e-4", "--loss_weights", "1.0", "2.0"],
+    "sigmoid+2·sft lr 3e-4 4000 pairs": ["--learning_rate", "3e-4", "--loss_weights", "1.0", "2.0",
+                                         "--max_train_pairs", "4000"],
 }
 
 
