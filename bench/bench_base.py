@@ -43,10 +43,10 @@ from poemdpo.base_model import (  # noqa: E402
     build_model,
     load_training_texts,
     make_trainer,
-    split_poems,
     train_base,
 )
 from poemdpo.corpus import read_corpus  # noqa: E402
+from poemdpo.dataset import split_poems  # noqa: E402
 from poemdpo.generation import generate_poems  # noqa: E402
 from poemdpo.metrics import loss_per_character  # noqa: E402
 from poemdpo.prompts import build_prompt  # noqa: E402
@@ -219,7 +219,7 @@ def quality(model_dir: str, args: BaseModelArguments, bench: BenchArguments) -> 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     poems, _ = read_corpus(args.corpus, progress=False)
-    _, test = split_poems(poems, args.test_size, args.split_seed)
+    test = split_poems(poems, args.test_size, args.split_seed)["test"]
     rng = random.Random(bench.sample_seed)
 
     scored = rng.sample(test, min(bench.loss_poems, len(test)))

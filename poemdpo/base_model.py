@@ -33,8 +33,9 @@ from trl import pack_dataset
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from poemdpo.corpus import DEFAULT_CORPUS, CorpusError, Poem, read_corpus
+from poemdpo.dataset import split_poems
 from poemdpo.prompts import build_prompt
-from poemdpo.splits import DEFAULT_SPLIT_SEED, DEFAULT_TEST_SIZE, is_test_title
+from poemdpo.splits import DEFAULT_SPLIT_SEED, DEFAULT_TEST_SIZE
 from poemdpo.tokenizer import DEFAULT_MIN_FREQUENCY, train_char_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -90,14 +91,6 @@ class BaseModelArguments:
     temperature: float = field(default=1.0, metadata={"help": "Saved generation default: sampling temperature."})
 
 
-def split_poems(poems: list[Poem], test_size: float, seed: int) -> tuple[list[Poem], list[Poem]]:
-    """(train, test) by title; the test titles are the ones the DPO stage holds out."""
-    train, test = [], []
-    for poem in poems:
-        (test if is_test_title(poem.title, test_size, seed) else train).append(poem)
-    return train, test
-
-
 def poem_text(poem: Poem) -> str:
     """A training example without eos: the prompt, then the poem."""
     return build_prompt(poem.title) + poem.text
@@ -109,7 +102,7 @@ def load_training_texts(args: BaseModelArguments) -> list[str]:
         poems, _ = read_corpus(args.corpus)
     except CorpusError as e:
         raise SystemExit(f"error: {e}") from None
-    train, _ = split_poems(poems, args.test_size, args.split_seed)
+    train = split_poems(poems, args.test_size, args.split_seed)["train"]
     if args.max_poems is not None:
         train = train[: args.max_poems]
     if not train:
