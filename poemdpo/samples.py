@@ -7,17 +7,14 @@ from pathlib import Path
 from transformers import TrainerCallback
 from trl import DPOTrainer
 
-from .forms import classify
 from .generation import generate_poems
+from .metrics import rate_of, strict_five_rate
 from .rules import preferred
 
 
 def rule_rate(poems: list[str], rule: str) -> float:
-    return sum(preferred(p, rule) for p in poems) / len(poems) if poems else 0.0
-
-
-def five_char_rate(poems: list[str]) -> float:
-    return sum(classify(p).meter == "五言" for p in poems) / len(poems) if poems else 0.0
+    """Share of `poems` the preference rule prefers."""
+    return rate_of(lambda poem: preferred(poem, rule), poems)
 
 
 def side_by_side(titles: list[str], aligned: list[str], reference: list[str], rows: int) -> str:
@@ -68,7 +65,7 @@ class SamplePoemsCallback(TrainerCallback):
         metrics = {
             f"samples/{self.rule}_rate": rule_rate(poems, self.rule),
             f"samples/{self.rule}_rate_reference": rule_rate(self.reference_poems, self.rule),
-            "samples/five_char_rate": five_char_rate(poems),
+            "samples/five_char_rate": strict_five_rate(poems),
         }
         table = side_by_side(self.titles, poems, self.reference_poems, self.table_rows)
         self.last = {"step": step, "poems": poems, "metrics": metrics, "table": table}
