@@ -19,6 +19,17 @@ _NOTES = re.compile(r"（[^（）]*）|\([^()]*\)|〖[^〖〗]*〗|\{[^{}]*\}|\[
 # Brackets left behind by a note cut in two, or marking a restored character: keep the text.
 _STRAY = re.compile(r"[（）()〖〗\[\]{}【】〔〕]")
 _SPACE = re.compile(r"\s+")
+# Editors' notes and modern commentary that upstream keeps as paragraphs of a poem, e.g.
+# 見《吟窗雜錄》卷二五。 / 按：此詩末八句… / 「產巢」，一作「有窠」。 Left in, they turn a 五言 poem into a
+# rejected "杂言" one and teach the base model to write prose. Verse here carries no quotation marks; book-title
+# marks do occur in verse (童子解吟《長恨曲》), but then every line is verse-length.
+_QUOTES = re.compile(r"[「」『』]")
+_NOTE_START = re.compile(r"^(按[：:]|見《)")
+_BOOK_MARKS = re.compile(r"[《》〈〉]")
+# A chapter reference ending a line (…卷十七、), as in source lists; 雲卷四山雪 is verse.
+_CHAPTER = re.compile(r"卷[一二三四五六七八九十百○〇]+(?:[、，。；]|$)")
+_LINE = re.compile(r"[，。？！；：、,.?!;:]+")
+LONGEST_VERSE_LINE_WITH_BOOK_TITLE = 7
 _CJK = re.compile(r"[\u3400-\u9fff\U00020000-\U0002ffff]")
 
 
@@ -41,6 +52,7 @@ class CorpusStats:
     kept: int = 0
     dropped: Counter = field(default_factory=Counter)
     lines_with_notes_stripped: int = 0
+    note_paragraphs_dropped: int = 0
 
     def to_dict(self) -> dict:
         return {
@@ -49,6 +61,7 @@ class CorpusStats:
             "kept": self.kept,
             "dropped": dict(self.dropped),
             "lines_with_notes_stripped": self.lines_with_notes_stripped,
+            "note_paragraphs_dropped": self.note_paragraphs_dropped,
         }
 
 
@@ -57,6 +70,16 @@ def clean_line(line: str) -> str:
     cleaned = _NOTES.sub("", line)
     cleaned = _STRAY.sub("", cleaned)
     return _SPACE.sub("", cleaned)
+
+
+def is_note_paragraph(paragraph: str) -> bool:
+    """An editor's note or commentary kept as a paragraph (see _QUOTES above), not verse."""
+    if _QUOTES.search(paragraph) or _NOTE_START.match(paragraph):
+        return True
+    if _BOOK_MARKS.search(paragraph):
+        lines = _LINE.split(_BOOK_MARKS.sub("", paragraph))
+        return bool(_CHAPTER.search(paragraph)) or any(len(line) > LONGEST_VERSE_LINE_WITH_BOOK_TITLE for line in lines)
+    return False
 
 
 def corpus_files(path: str | Path) -> list[Path]:
@@ -139,6 +162,10 @@ def read_corpus(
                 cleaned = clean_line(paragraph)
                 if cleaned != _SPACE.sub("", paragraph):
                     stats.lines_with_notes_stripped += 1
+                if is_note_paragraph(cleaned):
+                    stats.note_paragraphs_dropped += 1
+                    continue
+                cleaned = _BOOK_MARKS.sub("", cleaned)
                 # A paragraph left with no character (a note on its own line) is no verse.
                 if _CJK.search(cleaned):
                     lines.append(cleaned)

@@ -43,6 +43,29 @@ def test_drops_empty_duplicate_and_note_only_lines(tmp_path):
     assert stats.dropped == {"duplicate": 1, "empty": 2}
 
 
+def test_drops_note_paragraphs_keeps_verse_with_book_titles(tmp_path):
+    # Real paragraphs from the Tang corpus: commentary after a 五言 poem, and a verse couplet with 《》.
+    poems = [
+        {
+            "title": "甲",
+            "paragraphs": [
+                "晴景應重陽，高臺愴遠鄉。",
+                "見《吟窗雜錄》卷二五《歷代吟譜》。",
+                "按：此詩末八句與軒轅集《還丹口訣》中八句相近，見本書卷三十。",
+                "「產巢」，一作「有窠」。",
+                "《祖堂集》卷十七、《景德傳燈錄》卷十。",
+            ],
+        },
+        {"title": "乙", "paragraphs": ["童子解吟《長恨曲》，胡兒能唱《琵琶篇》。", "雲卷四山雪，風凝千樹霜。"]},
+    ]
+    kept, stats = read_corpus(write(tmp_path / "poet.tang.0.json", poems), progress=False)
+    assert [p.text for p in kept] == [
+        "晴景應重陽，高臺愴遠鄉。",
+        "童子解吟長恨曲，胡兒能唱琵琶篇。\n雲卷四山雪，風凝千樹霜。",
+    ]
+    assert stats.note_paragraphs_dropped == 4
+
+
 def test_to_simplified(tmp_path):
     file = write(tmp_path / "poet.tang.0.json", [{"title": "靜夜思", "paragraphs": ["舉頭望明月，低頭思故鄉。"]}])
     (poem,), _ = read_corpus(file, to_simplified=True, progress=False)
