@@ -44,7 +44,6 @@ RECIPE = ROOT / "configs" / "dpo_tiny_cpu.yaml"
 BASE_RECIPE = ROOT / "configs" / "base_tiny_cpu.yaml"
 VARIANTS = ("plain", "plain_grouped", "ours", "stock")
 # The recipe's speed keys (docs/throughput.md); added on the command line while the recipe lacks them.
-SPEED_KEYS = {"train_sampling_strategy": "group_by_length", "remove_unused_columns": "false"}
 TARGETS = {"tokens/s ours / plain": 0.9, "tokens/s ours / stock": 1.5, "peak RSS ours / plain (max)": 1.1}
 
 
@@ -249,29 +248,14 @@ class Clock:
         return StepEnd()
 
 
-def train_dpo_has_speed_wiring() -> bool:
-    """Whether train_dpo.py itself calls poemdpo.speed (else the benchmark applies it, as train_dpo.py would)."""
-    source = (ROOT / "train_dpo.py").read_text(encoding="utf-8")
-    return "use_compact_lm_head(" in source and "with_lengths(" in source
-
-
-def timed(trainer_class, clock: Clock, apply_speed: bool = False):
+def timed(trainer_class, clock: Clock):
     """A subclass that installs the clock and times the reference precompute (when on), which is charged to the
-    run: with one epoch, every pair's reference pass is paid either way. `apply_speed` does what the lines
-    docs/throughput.md gives for train_dpo.py do, for as long as train_dpo.py does not do it itself."""
+    run: with one epoch, every pair's reference pass is paid either way."""
 
     class Timed(trainer_class):
         def __init__(self, *args, **kwargs):
             self.precompute_seconds = 0.0
-            if apply_speed:
-                from poemdpo.speed import with_lengths
-
-                kwargs["train_dataset"] = with_lengths(kwargs["train_dataset"])
             super().__init__(*args, **kwargs)
-            if apply_speed:
-                from poemdpo.speed import use_compact_lm_head
-
-                use_compact_lm_head(self)
             self.data_collator = clock.wrap(self.data_collator)
             self.add_callback(clock.callback())
 
@@ -295,9 +279,6 @@ def ours_argv(model_dir: str, dataset_dir: str, n_pairs: int, batch_size: int, m
     ]
     if device_name() == "cuda":
         argv += ["--use_cpu", "false"]  # the CPU recipe pins use_cpu; on a GPU, let it be used
-    missing = {k: v for k, v in SPEED_KEYS.items() if k not in recipe()}
-    for key, value in missing.items():  # the speed keys of docs/throughput.md, until the recipe has them
-        argv += [f"--{key}", value]
     return argv
 
 
@@ -305,17 +286,16 @@ def run_ours(model_dir: str, dataset_dir: str, n_pairs: int, batch_size: int, ma
     import train_dpo
 
     original = train_dpo.PoemDPOTrainer
-    apply_speed = not train_dpo_has_speed_wiring()
     try:
         for pairs in (warmup * batch_size, n_pairs):  # an untimed warm-up run, then the timed one
             clock = Clock()
-            train_dpo.PoemDPOTrainer = timed(original, clock, apply_speed)
+            train_dpo.PoemDPOTrainer = timed(original, clock)
             with tempfile.TemporaryDirectory() as out:
                 trainer = train_dpo.main(ours_argv(model_dir, dataset_dir, pairs, batch_size, max_length, out))
     finally:
         train_dpo.PoemDPOTrainer = original
     result = window(clock.start, clock.times, clock.tokens, batch_size, extra_seconds=trainer.precompute_seconds)
-    return {**result, "precompute_seconds": trainer.precompute_seconds, "speed_applied_by_bench": apply_speed}
+    return {**result, "precompute_seconds": trainer.precompute_seconds}
 
 
 def stock_config(out: str, batch_size: int, max_length: int):
@@ -461,12 +441,6 @@ def main(argv: list[str] | None = None) -> None:
                                                           "<tmp>")[:2]) +
           " + --sample_titles 0 --eval_strategy no --save_strategy no --report_to none --loss_type sigmoid "
           "--loss_weights 1.0 ...)")
-    if not train_dpo_has_speed_wiring():
-        print("      train_dpo.py does not call poemdpo.speed yet: the benchmark applies with_lengths and "
-              "use_compact_lm_head to its trainer, as the lines in docs/throughput.md would")
-    missing = [k for k in SPEED_KEYS if k not in settings]
-    if missing:
-        print(f"      the recipe lacks {missing} yet: the benchmark passes them on the command line")
     print(flush=True)
 
     runs: dict[str, list[dict]] = {v: [] for v in variants}
