@@ -2,6 +2,7 @@
 
     python build_dataset.py                                   # default corpus, rule five_char
     python build_dataset.py --rule seven_char --pairing length_matched --output_dir data/pairs_7
+    python build_dataset.py --on_policy_model data/base_model --output_dir data/pairs_on_policy
 """
 
 from __future__ import annotations
@@ -14,7 +15,14 @@ from dataclasses import dataclass, field
 from transformers import HfArgumentParser
 
 from poemdpo.corpus import DEFAULT_CORPUS, CorpusError, read_corpus
-from poemdpo.dataset import build_preference_dataset, push_to_hub, save
+from poemdpo.dataset import build_preference_dataset, push_to_hub, save, split_poems
+from poemdpo.on_policy import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_SAMPLES,
+    DEFAULT_TITLES,
+    load_sampler,
+    with_on_policy_train,
+)
 from poemdpo.pairs import STRATEGIES
 from poemdpo.rules import RULES
 from poemdpo.splits import DEFAULT_SPLIT_SEED, DEFAULT_TEST_SIZE
@@ -56,6 +64,29 @@ class BuildArguments:
     push_to_hub: str = field(
         default=None, metadata={"help": "A Hub dataset repo id to push to, with a dataset card."}
     )
+    on_policy_model: str = field(
+        default=None,
+        metadata={"help": "A local causal LM directory (e.g. data/base_model). When set, the train split is "
+                  "on-policy: pairs of the model's own poems, sampled at temperature 1.0 for training titles and "
+                  "labelled by the rule. The test split stays the corpus pairs."},
+    )
+    on_policy_samples: int = field(
+        default=DEFAULT_SAMPLES,
+        metadata={"help": "Poems sampled per title (K). A title gives pairs only if its samples include both a "
+                  "preferred and a rejected poem; each preferred one is chosen once."},
+    )
+    on_policy_titles: int = field(
+        default=DEFAULT_TITLES,
+        metadata={"help": "How many training titles to sample for, drawn with --seed (all of them if fewer)."},
+    )
+    on_policy_batch_size: int = field(
+        default=DEFAULT_BATCH_SIZE, metadata={"help": "Prompts per generate call when sampling."}
+    )
+    on_policy_max_new_tokens: int = field(
+        default=None,
+        metadata={"help": "Longest sampled poem in tokens (default: the model's generation_config.max_new_tokens, "
+                  "else 128); always cut so prompt + poem fit the model's max_position_embeddings."},
+    )
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -63,10 +94,30 @@ def main(argv: list[str] | None = None) -> dict:
     output_dir = args.output_dir or f"data/pairs_{args.rule}"
     start = time.perf_counter()
     try:
+        # Loaded first, so a wrong model path fails before the corpus is read.
+        sampler = load_sampler(args.on_policy_model) if args.on_policy_model else None
         poems, corpus_stats = read_corpus(args.corpus, skip_bad=args.skip_bad, to_simplified=args.to_simplified)
         dataset, stats = build_preference_dataset(
             poems, args.rule, args.pairing, args.seed, args.test_size, args.split_seed, corpus_stats
         )
+        if sampler:
+            model, tokenizer = sampler
+            dataset, stats = with_on_policy_train(
+                dataset,
+                stats,
+                split_poems(poems, args.test_size, args.split_seed)["train"],
+                model,
+                tokenizer,
+                args.on_policy_model,
+                rule=args.rule,
+                strategy=args.pairing,
+                seed=args.seed,
+                samples_per_title=args.on_policy_samples,
+                num_titles=args.on_policy_titles,
+                batch_size=args.on_policy_batch_size,
+                max_new_tokens=args.on_policy_max_new_tokens,
+                progress=True,
+            )
     except (CorpusError, ValueError) as e:
         sys.exit(f"build_dataset.py: error: {e}")
     save(dataset, stats, output_dir)

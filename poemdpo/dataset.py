@@ -69,6 +69,13 @@ def save(dataset: DatasetDict, stats: dict, output_dir: str | Path) -> None:
 
 def dataset_card(stats: dict) -> str:
     pairs = stats["pairs"]
+    on_policy = stats.get("on_policy")
+    source = (
+        f"\nThe train split is on-policy: each pair is two poems sampled from `{on_policy['model']}` for the same "
+        "title, one the rule prefers and one it does not. The test split is corpus poems.\n"
+        if on_policy
+        else ""
+    )
     return f"""---
 language: [lzh]
 license: mit
@@ -82,7 +89,7 @@ Pairs of classical Chinese poems from the Tang part of
 `build_dataset.py`. Each row: `prompt` (`<INS>請用以下題目寫一首詩<INP>{{title}}<RES>`),
 `chosen` (a poem the rule prefers), `rejected` (one it does not), plus titles and form labels.
 Train and test are split by title: no test title appears in train.
-
+{source}
 | split | pairs |
 |---|---|
 | train | {pairs["train"]} |
