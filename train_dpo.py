@@ -30,7 +30,7 @@ from poemdpo.dpo import (
     to_conversational,
     use_chat_format,
 )
-from poemdpo.generation import generate_poems
+from poemdpo.generation import generate_poems, max_new_tokens_within_context
 from poemdpo.hub import check_hub_access, push_final_model
 from poemdpo.model_card import write_model_card
 from poemdpo.samples import PoemDPOTrainer, SamplePoemsCallback
@@ -79,8 +79,10 @@ def main(argv: list[str] | None = None) -> PoemDPOTrainer:
         parser.error(str(e))
 
     # The policy is still the reference here: its poems are the reference's, sampled once.
-    reference_poems = generate_poems(model, tokenizer, titles, max_new_tokens=script_args.sample_max_new_tokens,
-                                     seed=args.seed)
+    max_new_tokens = (
+        max_new_tokens_within_context(model, tokenizer, titles, script_args.sample_max_new_tokens) if titles else 0
+    )
+    reference_poems = generate_poems(model, tokenizer, titles, max_new_tokens=max_new_tokens, seed=args.seed)
 
     # 5. Train.
     trainer = PoemDPOTrainer(
@@ -96,7 +98,7 @@ def main(argv: list[str] | None = None) -> PoemDPOTrainer:
     samples = SamplePoemsCallback(
         trainer, titles, reference_poems, rule,
         every_steps=script_args.sample_every_steps or int(args.eval_steps or args.logging_steps),
-        table_rows=script_args.sample_table_rows, max_new_tokens=script_args.sample_max_new_tokens, seed=args.seed,
+        table_rows=script_args.sample_table_rows, max_new_tokens=max_new_tokens, seed=args.seed,
     )
     trainer.add_callback(samples)
     resume = args.resume_from_checkpoint

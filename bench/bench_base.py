@@ -47,7 +47,7 @@ from poemdpo.base_model import (  # noqa: E402
 )
 from poemdpo.corpus import read_corpus  # noqa: E402
 from poemdpo.dataset import split_poems  # noqa: E402
-from poemdpo.generation import generate_poems  # noqa: E402
+from poemdpo.generation import generate_poems, max_new_tokens_within_context  # noqa: E402
 from poemdpo.metrics import loss_per_character  # noqa: E402
 from poemdpo.prompts import build_prompt  # noqa: E402
 from poemdpo.tokenizer import train_char_tokenizer  # noqa: E402
@@ -236,14 +236,13 @@ def quality(model_dir: str, args: BaseModelArguments, bench: BenchArguments) -> 
     titles = rng.sample(sorted({p.title for p in test}), min(bench.samples, len(test)))
     config = model.generation_config
     start = time.perf_counter()
-    # Prompt + poem must fit the context the model was trained on.
-    room = model.config.max_position_embeddings - max(len(tokenizer(build_prompt(t))["input_ids"]) for t in titles)
     written = generate_poems(
         model,
         tokenizer,
         titles,
         temperature=config.temperature,
-        max_new_tokens=min(config.max_new_tokens, room),
+        # The saved default, cut so prompt + poem fit the context the model was trained on.
+        max_new_tokens=max_new_tokens_within_context(model, tokenizer, titles),
         batch_size=50,
         seed=bench.sample_seed,
     )

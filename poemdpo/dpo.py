@@ -65,7 +65,11 @@ class DPOScriptArguments:
     sample_every_steps: int | None = field(
         default=None, metadata={"help": "Write sample poems every N steps (default: eval_steps), and at the end."}
     )
-    sample_max_new_tokens: int = field(default=96, metadata={"help": "Length limit of a sample poem, in tokens."})
+    sample_max_new_tokens: int | None = field(
+        default=None,
+        metadata={"help": "Length limit of a sample poem, in tokens. Default: the model's "
+                  "generation_config.max_new_tokens (else 128), cut to fit its context (as evaluate.py does)."},
+    )
     prompt_format: str = field(
         default="auto",
         metadata={"help": "instruction: the seed's <INS>..<RES> prompts; chat: conversational rows through the "

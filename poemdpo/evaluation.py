@@ -16,7 +16,7 @@ from datasets import Dataset, DatasetDict, load_from_disk
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .forms import is_strict_five
-from .generation import generate_poems
+from .generation import generate_poems, max_new_tokens_within_context
 from .metrics import (
     degenerate_rate,
     distinct_n,
@@ -62,7 +62,12 @@ class EvalArguments:
         default=300, metadata={"help": "How many titles to sample a poem for (split titles sorted by code point)."}
     )
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (plain sampling, no top-k/p)."})
-    max_new_tokens: int = field(default=128, metadata={"help": "Longest poem sampled, in tokens."})
+    max_new_tokens: int | None = field(
+        default=None,
+        metadata={"help": "Longest poem sampled, in tokens. Default: each model's generation_config.max_new_tokens "
+                  "(else 128), cut so that the longest prompt plus poem fits its context. A poem cut short counts "
+                  "as not well-formed, so a cap below the corpus's long poems would be measured as bad form."},
+    )
     batch_size: int = field(default=64, metadata={"help": "Batch size for sampling and for scoring."})
     seed: int = field(default=0, metadata={"help": "Sampling seed (both models use the same one)."})
     beta: float | None = field(
@@ -280,7 +285,8 @@ def markdown_report(report: dict) -> str:
         f"- reference model: `{report['reference']}`",
         f"- dataset: `{report['dataset']}` (split `{settings['split']}`)",
         f"- sampling: {settings['num_titles']} titles, temperature {settings['temperature']}, "
-        f"max_new_tokens {settings['max_new_tokens']}, seed {settings['seed']}, no top-k/top-p",
+        f"max_new_tokens {report['models']['aligned']['max_new_tokens']} (aligned) / "
+        f"{report['models']['reference']['max_new_tokens']} (reference), seed {settings['seed']}, no top-k/top-p",
         "",
         "| metric | aligned | reference |",
         "|---|---|---|",
@@ -343,11 +349,16 @@ def run(args: EvalArguments) -> dict:
     models, poems = {}, {}
     for name, model, tokenizer in (("aligned", policy, policy_tok), ("reference", reference, reference_tok)):
         print(f"evaluating the {name} model")
+        max_new_tokens = max_new_tokens_within_context(model, tokenizer, titles, args.max_new_tokens)
         poems[name] = generate_poems(
-            model, tokenizer, titles, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
+            model, tokenizer, titles, temperature=args.temperature, max_new_tokens=max_new_tokens,
             batch_size=args.batch_size, seed=args.seed, progress=True,
         )
-        models[name] = sample_metrics(poems[name]) | loss_metrics(model, tokenizer, held_out, args, max_length)
+        models[name] = (
+            sample_metrics(poems[name])
+            | loss_metrics(model, tokenizer, held_out, args, max_length)
+            | {"max_new_tokens": max_new_tokens}
+        )
     pairs = split.select(range(min(len(split), args.max_eval_pairs or len(split))))
     rewards = dpo_reward_stats(
         policy, reference, policy_tok, pairs, beta, batch_size=args.batch_size, max_length=max_length, progress=True

@@ -6,8 +6,12 @@ from collections.abc import Sequence
 
 import torch
 from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .prompts import build_prompt, conversational
+
+# Used when neither the caller nor the model's generation config says how long a poem may be.
+DEFAULT_MAX_NEW_TOKENS = 128
 
 
 def prompt_texts(tokenizer, titles: Sequence[str]) -> list[str]:
@@ -97,3 +101,30 @@ def generate_poems(
         tokenizer.padding_side = padding_side
         model.train(was_training)
     return poems
+
+
+def max_new_tokens_within_context(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, titles: Sequence[str], wanted: int | None = None
+) -> int:
+    """`wanted` (else the model's generation default, else 128), cut so the longest prompt plus poem fits.
+
+    Positions past `max_position_embeddings` were never trained, so text there is not the model's poem.
+    """
+    wanted = wanted or getattr(model.generation_config, "max_new_tokens", None) or DEFAULT_MAX_NEW_TOKENS
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is None:
+        return wanted
+    # Tokenized as generate_poems does it: a chat template already writes whatever specials the model wants.
+    add_special_tokens = not getattr(tokenizer, "chat_template", None)
+    lengths = {
+        title: len(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+        for title, text in zip(titles, prompt_texts(tokenizer, titles), strict=True)
+    }
+    longest = max(lengths, key=lengths.__getitem__)
+    room = limit - lengths[longest]
+    if room < 1:
+        raise ValueError(
+            f"the prompt for title {longest!r} takes {lengths[longest]} tokens, leaving no room for a poem in the "
+            f"model's context (max_position_embeddings={limit})"
+        )
+    return min(wanted, room)

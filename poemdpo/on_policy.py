@@ -21,15 +21,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from .corpus import Poem
 from .forms import classify, is_degenerate
-from .generation import generate_poems, prompt_texts
+from .generation import DEFAULT_MAX_NEW_TOKENS, generate_poems, max_new_tokens_within_context
 from .pairs import build_pairs
 from .rules import preferred
 
 DEFAULT_SAMPLES = 4
 DEFAULT_TITLES = 2000
 DEFAULT_BATCH_SIZE = 64
-# Used when neither the caller nor the model's generation config says how long a poem may be.
-DEFAULT_MAX_NEW_TOKENS = 128
 # The model's own distribution, as evaluate.py samples it: pairs at another temperature would be off-policy.
 TEMPERATURE = 1.0
 
@@ -69,33 +67,6 @@ def choose_titles(poems: Sequence[Poem], n: int, seed: int) -> list[str]:
         raise OnPolicyError(f"the number of on-policy titles must be at least 1, got {n}")
     titles = sorted({p.title for p in poems})
     return random.Random(seed).sample(titles, min(n, len(titles)))
-
-
-def max_new_tokens_within_context(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, titles: Sequence[str], wanted: int | None = None
-) -> int:
-    """`wanted` (else the model's generation default, else 128), cut so the longest prompt plus poem fits.
-
-    Positions past `max_position_embeddings` were never trained, so text there is not the model's poem.
-    """
-    wanted = wanted or getattr(model.generation_config, "max_new_tokens", None) or DEFAULT_MAX_NEW_TOKENS
-    limit = getattr(model.config, "max_position_embeddings", None)
-    if limit is None:
-        return wanted
-    # Tokenized as generate_poems does it: a chat template already writes whatever specials the model wants.
-    add_special_tokens = not getattr(tokenizer, "chat_template", None)
-    lengths = {
-        title: len(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
-        for title, text in zip(titles, prompt_texts(tokenizer, titles), strict=True)
-    }
-    longest = max(lengths, key=lengths.__getitem__)
-    room = limit - lengths[longest]
-    if room < 1:
-        raise OnPolicyError(
-            f"the prompt for title {longest!r} takes {lengths[longest]} tokens, leaving no room for a poem in the "
-            f"model's context (max_position_embeddings={limit})"
-        )
-    return min(wanted, room)
 
 
 def sample_poems(

@@ -7,12 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from datasets import load_from_disk
 from test_generation import tiny_lm, tiny_tokenizer
 from trl import DPOConfig
 
 import build_dataset
 import evaluate
 from poemdpo.evaluation import EvalArguments, find_training_file, recorded_base_model, select_titles
+from poemdpo.prompts import build_prompt
 
 LOG_HISTORY = [
     {"step": 2, "loss": 0.69, "rewards/margins": 0.01, "rewards/accuracies": 0.5},
@@ -76,6 +78,28 @@ def test_end_to_end_report(run_dirs, capsys):
     printed = capsys.readouterr().out
     assert "strict 五言" in printed and str(out / "report.md") in printed
     assert report["rewards"] == saved["rewards"]
+
+
+
+def test_default_poem_length_is_the_models_own_within_its_context(run_dirs):
+    """Without --max_new_tokens each model writes as long as its generation config says, cut to its context:
+    a fixed short cap would cut long poems and count them as not well-formed."""
+    from transformers import AutoModelForCausalLM
+
+    for name, wanted in (("aligned", 1000), ("reference", 20)):
+        model = AutoModelForCausalLM.from_pretrained(run_dirs[name])
+        model.generation_config.max_new_tokens = wanted
+        model.save_pretrained(run_dirs[name])
+    report = evaluate.main(["--model", str(run_dirs["aligned"]), "--dataset", str(run_dirs["dataset"]),
+                            "--num_titles", "4", "--batch_size", "4", "--num_samples", "2"])
+    args = EvalArguments(model=str(run_dirs["aligned"]), dataset=str(run_dirs["dataset"]), num_titles=4)
+    titles = select_titles(args, load_from_disk(str(run_dirs["dataset"]))["test"])
+    longest = max(len(tiny_tokenizer()(build_prompt(t))["input_ids"]) for t in titles)
+    assert report["models"]["reference"]["max_new_tokens"] == 20
+    aligned = report["models"]["aligned"]["max_new_tokens"]
+    assert aligned == 256 - longest  # the context less the longest prompt, not 1000
+    markdown = (run_dirs["aligned"] / "eval" / "report.md").read_text(encoding="utf-8")
+    assert f"max_new_tokens {aligned} (aligned) / 20 (reference)" in markdown
 
 
 def test_explicit_reference_beta_and_skipped_reward_plot(run_dirs):
