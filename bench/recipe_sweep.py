@@ -6,6 +6,13 @@
 Each recipe is `configs/dpo_tiny_cpu.yaml` plus overrides; each run trains with train_dpo.py, then
 samples one poem per held-out title at temperature 1.0 (the same seed for every run) and scores the
 held-out 五言 poems. The reference (base model) is measured once. docs/recipes.md records the table.
+A recipe's `--dataset_name` replaces --dataset for training; the held-out titles and poems always come
+from --dataset's test split (the corpus pairs, the same in every set build_dataset.py makes). The two
+extra sets the sweep uses:
+
+    python build_dataset.py --pairing length_matched --output_dir data/pairs_five_char_length_matched
+    python build_dataset.py --on_policy_model data/base_model --on_policy_titles 1500 \
+        --output_dir data/pairs_five_char_on_policy
 """
 
 from __future__ import annotations
@@ -23,24 +30,23 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import train_dpo  # noqa: E402
-from poemdpo.forms import is_degenerate  # noqa: E402
-from poemdpo.generation import generate_poems  # noqa: E402
+from poemdpo.forms import is_degenerate, is_well_formed  # noqa: E402
+from poemdpo.generation import generate_poems, max_new_tokens_within_context  # noqa: E402
 from poemdpo.metrics import distinct_n, loss_per_character  # noqa: E402
 from poemdpo.samples import rule_rate  # noqa: E402
 
-# name -> train_dpo.py overrides of the default recipe
+# name -> train_dpo.py overrides of the default recipe ([sigmoid, sft] weights [1, 2], lr 3e-4, beta 0.1,
+# 4,000 random corpus pairs). The last two need their datasets built first (see the module docstring).
 SWEEP: dict[str, list[str]] = {
     "default": [],
-    "sigmoid": ["--loss_type", "sigmoid", "--loss_weights", "1.0"],
-    "sigmoid_norm+sft": ["--loss_type", "sigmoid_norm", "sft", "--loss_weights", "1.0", "1.0"],
-    "ipo": ["--loss_type", "ipo", "--loss_weights", "1.0"],
-    "sigmoid+sft ld_alpha 0.5": ["--ld_alpha", "0.5"],
-    "sigmoid+sft 4000 pairs": ["--max_train_pairs", "4000"],
-    "sigmoid+sft lr 2e-4": ["--learning_rate", "2e-4"],
-    "sigmoid+sft beta 0.5": ["--beta", "0.5"],
-    "sigmoid+2·sft lr 3e-4": ["--learning_rate", "3e-4", "--loss_weights", "1.0", "2.0"],
-    "sigmoid+2·sft lr 3e-4 4000 pairs": ["--learning_rate", "3e-4", "--loss_weights", "1.0", "2.0",
-                                         "--max_train_pairs", "4000"],
+    "sigmoid alone": ["--loss_type", "sigmoid", "--loss_weights", "1.0"],
+    "sigmoid_norm+2·sft": ["--loss_type", "sigmoid_norm", "sft", "--loss_weights", "1.0", "2.0"],
+    "ipo alone": ["--loss_type", "ipo", "--loss_weights", "1.0"],
+    "ipo+2·sft": ["--loss_type", "ipo", "sft", "--loss_weights", "1.0", "2.0"],
+    "ld_alpha 0.5": ["--ld_alpha", "0.5"],
+    "beta 0.5": ["--beta", "0.5"],
+    "length_matched pairs": ["--dataset_name", "data/pairs_five_char_length_matched"],
+    "on-policy pairs": ["--dataset_name", "data/pairs_five_char_on_policy"],
 }
 
 
@@ -48,9 +54,13 @@ def measure(model_dir: str, tokenizer_dir: str, titles: list[str], held_out: tup
             rule: str) -> dict:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    poems = generate_poems(model, tokenizer, titles, temperature=1.0, seed=0, batch_size=64)
+    # As evaluate.py samples: the model's own length limit, cut to its context.
+    max_new_tokens = max_new_tokens_within_context(model, tokenizer, titles)
+    poems = generate_poems(model, tokenizer, titles, temperature=1.0, seed=0, batch_size=64,
+                           max_new_tokens=max_new_tokens)
     return {
         "rate": rule_rate(poems, rule),
+        "well_formed": sum(map(is_well_formed, poems)) / len(poems),
         "degenerate": sum(map(is_degenerate, poems)) / len(poems),
         "distinct_2": distinct_n(poems, 2),
         "loss_five": loss_per_character(model, tokenizer, held_out[0], held_out[1], batch_size=64),
@@ -74,21 +84,27 @@ def main() -> None:
     held_out = (list(test["prompt"]), list(test["chosen"]))
     names = args.only.split(",") if args.only else list(SWEEP)
     reference = measure(args.base_model, args.base_model, titles, held_out, args.rule)
-    print(f"| recipe | {args.rule} rate | degenerate | distinct-2 | held-out 五言 loss/char | train s | example |")
-    print("|---|---|---|---|---|---|---|")
-    print(f"| reference (base) | {reference['rate']:.1%} | {reference['degenerate']:.1%} | "
-          f"{reference['distinct_2']:.3f} | {reference['loss_five']:.3f} | - | {reference['example']} |", flush=True)
+    print(f"| recipe | {args.rule} rate | well-formed | degenerate | distinct-2 | held-out 五言 loss/char | train s "
+          "| logps/chosen first → last log | example |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    print(f"| reference (base) | {reference['rate']:.1%} | {reference['well_formed']:.1%} | "
+          f"{reference['degenerate']:.1%} | {reference['distinct_2']:.3f} | {reference['loss_five']:.3f} | - | - | "
+          f"{reference['example']} |", flush=True)
     for name in names:
         out = Path(args.work_dir) / name.replace(" ", "_")
         start = time.perf_counter()
-        train_dpo.main(["--config", "configs/dpo_tiny_cpu.yaml", "--model_name_or_path", args.base_model,
+        trainer = train_dpo.main(["--config", "configs/dpo_tiny_cpu.yaml", "--model_name_or_path", args.base_model,
                         "--dataset_name", args.dataset, "--output_dir", str(out), "--save_strategy", "no",
                         "--eval_strategy", "no", "--sample_titles", "0", "--report_to", "none",
                         *SWEEP[name], *args.extra.split()])
         seconds = time.perf_counter() - start
+        # The known failure: the margin grows while the chosen poems' likelihood falls too.
+        chosen = [h["logps/chosen"] for h in trainer.state.log_history if "logps/chosen" in h]
+        drift = f"{chosen[0]:.0f} → {chosen[-1]:.0f}" if chosen else "-"
         m = measure(str(out), str(out), titles, held_out, args.rule)
-        print(f"| {name} {' '.join(SWEEP[name] + args.extra.split())} | {m['rate']:.1%} | {m['degenerate']:.1%} | "
-              f"{m['distinct_2']:.3f} | {m['loss_five']:.3f} | {seconds:.0f} | {m['example']} |", flush=True)
+        print(f"| {name} {' '.join(SWEEP[name] + args.extra.split())} | {m['rate']:.1%} | {m['well_formed']:.1%} | "
+              f"{m['degenerate']:.1%} | "
+              f"{m['distinct_2']:.3f} | {m['loss_five']:.3f} | {seconds:.0f} | {drift} | {m['example']} |", flush=True)
         shutil.rmtree(out, ignore_errors=True)
 
 
