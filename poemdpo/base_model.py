@@ -70,8 +70,9 @@ class BaseModelArguments:
         default="wrapped",
         metadata={
             "help": "How trl.pack_dataset fills blocks. wrapped: concatenate all examples and cut every max_length "
-            "tokens (no padding, plain causal attention). bfd: whole poems per block, padded, poems can still "
-            "attend to earlier poems in their block; poems longer than max_length are truncated.",
+            "tokens (no padding, attention runs across poem boundaries). bfd: whole poems per block, best fit, "
+            "each poem at positions 0.. and attending only to itself, as at generation time; a block is padded "
+            "where no poem fits, and poems longer than max_length are truncated.",
             "choices": ["wrapped", "bfd"],
         },
     )
@@ -161,6 +162,26 @@ def packed_dataset(
     return pack_dataset(dataset, max_length, strategy=strategy, map_kwargs={"batch_size": len(dataset)})
 
 
+class PackedPoemsCollator(DataCollatorForLanguageModeling):
+    """Batches of bfd blocks in which every poem only sees itself.
+
+    Position ids restart at each poem and no attention mask is passed: transformers then finds the poems from the
+    position ids (masking_utils.find_packed_sequence_indices) and masks attention block-diagonally, on any attention
+    implementation. It skips that detection when the model builds a KV cache, hence `use_cache=False`.
+    """
+
+    def __init__(self, pad_token_id: int) -> None:
+        super().__init__(pad_token_id=pad_token_id, return_position_ids=True)
+
+    def torch_call(self, examples: list[dict]) -> dict:
+        batch = super().torch_call(examples)
+        del batch["attention_mask"]  # padding is excluded by its -100 labels
+        # The first token of a poem is not predicted from the end of the previous one.
+        batch["labels"][batch["position_ids"] == 0] = -100
+        batch["use_cache"] = False
+        return batch
+
+
 def make_trainer(
     args: BaseModelArguments,
     training_args: TrainingArguments,
@@ -172,12 +193,16 @@ def make_trainer(
         tokenizer = train_char_tokenizer(texts, args.min_frequency, model_max_length=args.max_length)
     dataset = packed_dataset(texts, tokenizer, args.max_length, args.packing_strategy, training_args.seed)
     model = build_model(args, tokenizer)
+    if args.packing_strategy == "bfd":
+        collator = PackedPoemsCollator(tokenizer.pad_token_id)
+    else:
+        # Pads the short last block and sets labels = input_ids, -100 on padding.
+        collator = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id)
     return Trainer(
         model=model,
         args=training_args,
         train_dataset=dataset,
-        # Pads the short last block (and bfd blocks) and sets labels = input_ids, -100 on padding.
-        data_collator=DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id),
+        data_collator=collator,
         processing_class=tokenizer,
     )
 

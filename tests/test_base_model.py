@@ -11,7 +11,13 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, pipeline
 
 import train_base
-from poemdpo.base_model import BaseModelArguments, load_training_texts, packed_dataset
+from poemdpo.base_model import (
+    BaseModelArguments,
+    PackedPoemsCollator,
+    build_model,
+    load_training_texts,
+    packed_dataset,
+)
 from poemdpo.prompts import build_prompt
 from poemdpo.splits import is_test_title
 from poemdpo.tokenizer import train_char_tokenizer
@@ -125,6 +131,36 @@ def test_packed_blocks_cover_every_token_once():
     flat = [i for b in blocks for i in b]
     assert flat.count(tokenizer.eos_token_id) == len(texts)
     assert len(flat) == sum(len(tokenizer(t)["input_ids"]) + 1 for t in texts)
+
+
+def test_bfd_blocks_keep_each_poem_to_itself():
+    """In a bfd batch every poem gets the logits it gets alone: no attention to its block-mates, positions from 0."""
+    texts = [build_prompt(f"題{i}") + "山水風月，雲花春秋。" * (i % 3 + 1) for i in range(12)]
+    tokenizer = train_char_tokenizer(texts, min_frequency=1)
+    blocks = packed_dataset(texts, tokenizer, max_length=64, strategy="bfd", seed=0)
+    assert sum(len(b) for b in blocks["seq_lengths"]) == len(texts)  # whole poems, none cut
+    args = BaseModelArguments(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    model = build_model(args, tokenizer).eval()
+    batch = PackedPoemsCollator(tokenizer.pad_token_id)([blocks[i] for i in range(len(blocks))])
+    with torch.no_grad():
+        packed = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        row = max(range(len(blocks)), key=lambda i: len(blocks[i]["seq_lengths"]))
+        start = 0
+        for length in blocks[row]["seq_lengths"]:
+            ids = torch.tensor([blocks[row]["input_ids"][start : start + length]])
+            alone = model(input_ids=ids).logits[0]
+            torch.testing.assert_close(packed[row, start : start + length], alone, atol=1e-5, rtol=1e-4)
+            assert batch["labels"][row, start] == -100  # not predicted from the previous poem's eos
+            start += length
+    assert len(blocks[row]["seq_lengths"]) > 1  # the check above compared a block of several poems
+    assert (batch["labels"][batch["input_ids"] == tokenizer.pad_token_id] == -100).all()
+
+
+def test_bfd_training_loss_falls(tmp_path):
+    corpus = _write_corpus(tmp_path)
+    trainer = run(corpus, tmp_path / "model", "--max_steps", "12", "--packing_strategy", "bfd", "--save_steps", "50")
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 12 and sum(losses[-3:]) < sum(losses[:3])
 
 
 def test_missing_corpus_is_a_clear_error(tmp_path):
