@@ -45,8 +45,15 @@ SWEEP: dict[str, list[str]] = {
     "ipo+2·sft": ["--loss_type", "ipo", "sft", "--loss_weights", "1.0", "2.0"],
     "ld_alpha 0.5": ["--ld_alpha", "0.5"],
     "beta 0.5": ["--beta", "0.5"],
+    "beta 0.05": ["--beta", "0.05"],
+    "sigmoid+4·sft": ["--loss_weights", "1.0", "4.0"],
+    "6000 pairs": ["--max_train_pairs", "6000"],
     "length_matched pairs": ["--dataset_name", "data/pairs_five_char_length_matched"],
     "on-policy pairs": ["--dataset_name", "data/pairs_five_char_on_policy"],
+    "length_matched beta 0.5": ["--dataset_name", "data/pairs_five_char_length_matched", "--beta", "0.5"],
+    "length_matched ld_alpha 0.5": ["--dataset_name", "data/pairs_five_char_length_matched", "--ld_alpha", "0.5"],
+    "length_matched beta 0.5 ld_alpha 0.5": ["--dataset_name", "data/pairs_five_char_length_matched", "--beta", "0.5",
+                                             "--ld_alpha", "0.5"],
 }
 
 
@@ -85,7 +92,7 @@ def main() -> None:
     names = args.only.split(",") if args.only else list(SWEEP)
     reference = measure(args.base_model, args.base_model, titles, held_out, args.rule)
     print(f"| recipe | {args.rule} rate | well-formed | degenerate | distinct-2 | held-out 五言 loss/char | train s "
-          "| logps/chosen first → last log | example |")
+          "| rewards/chosen / rejected (last 5 logs) | example |")
     print("|---|---|---|---|---|---|---|---|---|")
     print(f"| reference (base) | {reference['rate']:.1%} | {reference['well_formed']:.1%} | "
           f"{reference['degenerate']:.1%} | {reference['distinct_2']:.3f} | {reference['loss_five']:.3f} | - | - | "
@@ -98,9 +105,13 @@ def main() -> None:
                         "--eval_strategy", "no", "--sample_titles", "0", "--report_to", "none",
                         *SWEEP[name], *args.extra.split()])
         seconds = time.perf_counter() - start
-        # The known failure: the margin grows while the chosen poems' likelihood falls too.
-        chosen = [h["logps/chosen"] for h in trainer.state.log_history if "logps/chosen" in h]
-        drift = f"{chosen[0]:.0f} → {chosen[-1]:.0f}" if chosen else "-"
+        # The known failure: the margin grows while the chosen poems' likelihood falls too. rewards/chosen is
+        # beta * (policy - reference) log-prob of the chosen poems; logps/chosen itself swings with the batch's
+        # poem lengths (length-grouped batches come longest first), so it cannot show a trend.
+        history = trainer.state.log_history
+        chosen = [h["rewards/chosen"] for h in history if "rewards/chosen" in h][-5:]
+        rejected = [h["rewards/rejected"] for h in history if "rewards/rejected" in h][-5:]
+        drift = f"{sum(chosen) / len(chosen):+.2f} / {sum(rejected) / len(rejected):+.2f}" if chosen else "-"
         m = measure(str(out), str(out), titles, held_out, args.rule)
         print(f"| {name} {' '.join(SWEEP[name] + args.extra.split())} | {m['rate']:.1%} | {m['well_formed']:.1%} | "
               f"{m['degenerate']:.1%} | "
