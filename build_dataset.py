@@ -1,7 +1,7 @@
 """Build the poem preference dataset: corpus JSON files -> `datasets.DatasetDict` on disk.
 
     python build_dataset.py                                   # default corpus, rule five_char
-    python build_dataset.py --rule seven_char --pairing length_matched --output_dir data/pairs_7
+    python build_dataset.py --rule seven_char --pairing random --output_dir data/pairs_7
     python build_dataset.py --on_policy_model data/base_model --output_dir data/pairs_on_policy
 """
 
@@ -23,7 +23,7 @@ from poemdpo.on_policy import (
     load_sampler,
     with_on_policy_train,
 )
-from poemdpo.pairs import STRATEGIES
+from poemdpo.pairs import DEFAULT_PAIRING, STRATEGIES
 from poemdpo.rules import RULES
 from poemdpo.splits import DEFAULT_SPLIT_SEED, DEFAULT_TEST_SIZE
 
@@ -43,7 +43,7 @@ class BuildArguments:
         metadata={"help": "Which poems are preferred; all others are rejected.", "choices": sorted(RULES)},
     )
     pairing: str = field(
-        default="random",
+        default=DEFAULT_PAIRING,
         metadata={"help": "random: any rejected poem; length_matched: the rejected poem nearest in length, "
                   "so DPO cannot win by length alone.", "choices": list(STRATEGIES)},
     )

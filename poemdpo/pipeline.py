@@ -21,6 +21,7 @@ from pathlib import Path
 from transformers import HfArgumentParser
 
 from .corpus import DEFAULT_CORPUS
+from .pairs import DEFAULT_PAIRING, STRATEGIES
 from .rules import RULES
 from .samples import rule_rate
 
@@ -31,8 +32,8 @@ ROOT = Path(__file__).resolve().parent.parent
 class PipelineArguments:
     rule: str = field(default="five_char",
                       metadata={"help": "Which poems DPO should prefer.", "choices": sorted(RULES)})
-    pairing: str = field(default="random", metadata={"help": "Pairing strategy of build_dataset.py.",
-                                                      "choices": ["random", "length_matched"]})
+    pairing: str = field(default=DEFAULT_PAIRING, metadata={"help": "Pairing strategy of build_dataset.py.",
+                                                      "choices": list(STRATEGIES)})
     corpus: str = field(default=str(DEFAULT_CORPUS), metadata={"help": "Corpus directory or file (chinese-poetry)."})
     pairs_dir: str | None = field(default=None, metadata={"help": "Where the pairs go (default: data/pairs_<rule>)."})
     base_model: str = field(default="data/base_model",

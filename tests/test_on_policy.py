@@ -27,6 +27,7 @@ from poemdpo.dataset import STATS_FILE, build_preference_dataset, split_poems
 from poemdpo.forms import classify, is_degenerate
 from poemdpo.generation import generate_poems
 from poemdpo.on_policy import choose_titles, load_sampler, with_on_policy_train
+from poemdpo.pairs import DEFAULT_PAIRING
 from poemdpo.prompts import build_prompt
 from poemdpo.rules import preferred
 from poemdpo.splits import DEFAULT_SPLIT_SEED, is_test_title
@@ -159,7 +160,9 @@ def test_generation_fits_the_models_context(built):
 def test_test_split_is_the_corpus_test_split(built):
     root, _, dataset, _ = built
     poems, corpus_stats = read_corpus(root / "corpus")
-    corpus, _ = build_preference_dataset(poems, "five_char", "random", SEED, 0.2, DEFAULT_SPLIT_SEED, corpus_stats)
+    corpus, _ = build_preference_dataset(
+        poems, "five_char", DEFAULT_PAIRING, SEED, 0.2, DEFAULT_SPLIT_SEED, corpus_stats
+    )
     assert dataset["test"].to_list() == corpus["test"].to_list()
     assert dataset["train"].column_names == corpus["train"].column_names
     assert not any(is_test_title(t, 0.2) for t in dataset["train"]["title"])
