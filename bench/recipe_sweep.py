@@ -1,17 +1,18 @@
 """Try DPO recipes on the embedded default and print one row of figures per recipe.
 
     python bench/recipe_sweep.py                                  # every recipe in SWEEP below
-    python bench/recipe_sweep.py --only sigmoid+sft,ipo --num_titles 300
+    python bench/recipe_sweep.py --only "sigmoid alone,ipo alone" --num_titles 300
 
-Each recipe is `configs/dpo_tiny_cpu.yaml` plus overrides; each run trains with train_dpo.py, then
+Each recipe is `configs/dpo_tiny_cpu.yaml`, then BASELINE, then its overrides; each run trains with train_dpo.py, then
 samples one poem per held-out title at temperature 1.0 (the same seed for every run) and scores the
 held-out 五言 poems. The reference (base model) is measured once. docs/recipes.md records the table.
 A recipe's `--dataset_name` replaces --dataset for training; the held-out titles and poems always come
-from --dataset's test split (the corpus pairs, the same in every set build_dataset.py makes). The two
-extra sets the sweep uses:
+from --dataset's test split (corpus pairs: their titles and chosen poems are the same in every set
+build_dataset.py makes). The sets the sweep uses:
 
+    python build_dataset.py --pairing random --output_dir data/pairs_five_char_random
     python build_dataset.py --pairing length_matched --output_dir data/pairs_five_char_length_matched
-    python build_dataset.py --on_policy_model data/base_model --on_policy_titles 1500 \
+    python build_dataset.py --pairing random --on_policy_model data/base_model --on_policy_titles 1500 \
         --output_dir data/pairs_five_char_on_policy
 """
 
@@ -35,10 +36,13 @@ from poemdpo.generation import generate_poems, max_new_tokens_within_context  # 
 from poemdpo.metrics import distinct_n, loss_per_character  # noqa: E402
 from poemdpo.samples import rule_rate  # noqa: E402
 
-# name -> train_dpo.py overrides of the default recipe ([sigmoid, sft] weights [1, 2], lr 3e-4, beta 0.1,
-# 4,000 random corpus pairs). The last two need their datasets built first (see the module docstring).
+# The recipe the rows of docs/recipes.md were measured against: configs/dpo_tiny_cpu.yaml as it was before
+# they made it length-matched, beta 0.5, ld_alpha 0.5 ([sigmoid, sft] weights [1, 2], lr 3e-4, 4,000 pairs of
+# --dataset, random pairs by default). ld_alpha 1.0 weights every token fully, as no ld_alpha does.
+BASELINE = ["--beta", "0.1", "--ld_alpha", "1.0"]
+# name -> overrides of BASELINE. Some need their datasets built first (see the module docstring).
 SWEEP: dict[str, list[str]] = {
-    "default": [],
+    "baseline": [],
     "sigmoid alone": ["--loss_type", "sigmoid", "--loss_weights", "1.0"],
     "sigmoid_norm+2·sft": ["--loss_type", "sigmoid_norm", "sft", "--loss_weights", "1.0", "2.0"],
     "ipo alone": ["--loss_type", "ipo", "--loss_weights", "1.0"],
@@ -78,7 +82,8 @@ def measure(model_dir: str, tokenizer_dir: str, titles: list[str], held_out: tup
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base_model", default="data/base_model", help="reference / starting model")
-    parser.add_argument("--dataset", default="data/pairs_five_char", help="pairs from build_dataset.py")
+    parser.add_argument("--dataset", default="data/pairs_five_char_random",
+                        help="random pairs from build_dataset.py (the baseline's training set)")
     parser.add_argument("--rule", default="five_char", help="the rule whose rate is reported")
     parser.add_argument("--num_titles", type=int, default=300, help="held-out titles to sample for")
     parser.add_argument("--only", default=None, help="comma-separated recipe names from SWEEP")
@@ -103,7 +108,7 @@ def main() -> None:
         trainer = train_dpo.main(["--config", "configs/dpo_tiny_cpu.yaml", "--model_name_or_path", args.base_model,
                         "--dataset_name", args.dataset, "--output_dir", str(out), "--save_strategy", "no",
                         "--eval_strategy", "no", "--sample_titles", "0", "--report_to", "none",
-                        *SWEEP[name], *args.extra.split()])
+                        *BASELINE, *SWEEP[name], *args.extra.split()])
         seconds = time.perf_counter() - start
         # The known failure: the margin grows while the chosen poems' likelihood falls too. rewards/chosen is
         # beta * (policy - reference) log-prob of the chosen poems; logps/chosen itself swings with the batch's
