@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from .corpus import Poem
 from .forms import classify, is_degenerate
 from .generation import DEFAULT_MAX_NEW_TOKENS, generate_poems, max_new_tokens_within_context
-from .pairs import build_pairs
+from .pairs import DEFAULT_PAIRING, build_pairs
 from .rules import preferred
 
 DEFAULT_SAMPLES = 4
@@ -130,7 +130,7 @@ def with_on_policy_train(
     model_path: str,
     *,
     rule: str,
-    strategy: str = "random",
+    strategy: str = DEFAULT_PAIRING,
     seed: int = 42,
     samples_per_title: int = DEFAULT_SAMPLES,
     num_titles: int = DEFAULT_TITLES,

@@ -188,7 +188,7 @@ def test_stats_record_the_on_policy_train_split(built):
 def test_same_seed_same_pairs_other_seed_other_pairs(built):
     root, model_dir, dataset, _ = built
     poems, _ = read_corpus(root / "corpus")
-    corpus, corpus_stats = build_preference_dataset(poems, "five_char", "random", SEED, 0.2)
+    corpus, corpus_stats = build_preference_dataset(poems, "five_char", DEFAULT_PAIRING, SEED, 0.2)
     model, tokenizer = load_sampler(model_dir)
 
     def build(seed: int) -> list[dict]:
