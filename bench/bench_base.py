@@ -48,7 +48,7 @@ from poemdpo.base_model import (  # noqa: E402
 from poemdpo.corpus import read_corpus  # noqa: E402
 from poemdpo.dataset import split_poems  # noqa: E402
 from poemdpo.generation import generate_poems, max_new_tokens_within_context  # noqa: E402
-from poemdpo.metrics import loss_per_character  # noqa: E402
+from poemdpo.metrics import loss_per_character, well_formed_rate  # noqa: E402
 from poemdpo.prompts import build_prompt  # noqa: E402
 from poemdpo.tokenizer import train_char_tokenizer  # noqa: E402
 
@@ -209,7 +209,7 @@ def full_epoch(args: BaseModelArguments, training_args: TrainingArguments) -> No
 
 def _rates(texts: list[str]) -> str:
     meters = [forms.classify(t).meter for t in texts]
-    well = sum(map(forms.is_well_formed, texts)) / len(texts)
+    well = well_formed_rate(texts)
     five, seven = meters.count("五言") / len(texts), meters.count("七言") / len(texts)
     return f"well-formed {well:.1%}, 五言 {five:.1%}, 七言 {seven:.1%}"
 

@@ -31,9 +31,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import train_dpo  # noqa: E402
-from poemdpo.forms import is_degenerate, is_well_formed  # noqa: E402
 from poemdpo.generation import generate_poems, max_new_tokens_within_context  # noqa: E402
-from poemdpo.metrics import distinct_n, loss_per_character  # noqa: E402
+from poemdpo.metrics import degenerate_rate, distinct_n, loss_per_character, well_formed_rate  # noqa: E402
 from poemdpo.samples import rule_rate  # noqa: E402
 
 # The recipe the rows of docs/recipes.md were measured against: configs/dpo_tiny_cpu.yaml as it was before
@@ -71,8 +70,8 @@ def measure(model_dir: str, tokenizer_dir: str, titles: list[str], held_out: tup
                            max_new_tokens=max_new_tokens)
     return {
         "rate": rule_rate(poems, rule),
-        "well_formed": sum(map(is_well_formed, poems)) / len(poems),
-        "degenerate": sum(map(is_degenerate, poems)) / len(poems),
+        "well_formed": well_formed_rate(poems),
+        "degenerate": degenerate_rate(poems),
         "distinct_2": distinct_n(poems, 2),
         "loss_five": loss_per_character(model, tokenizer, held_out[0], held_out[1], batch_size=64),
         "example": poems[0].replace("\n", " / "),

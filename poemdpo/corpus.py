@@ -10,6 +10,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from .forms import split_lines
+
 # Where this workplace keeps the Tang corpus, relative to the repository root.
 DEFAULT_CORPUS = Path(__file__).resolve().parent.parent.parent / "shared" / "corpus" / "quan-tang-shi"
 CORPUS_GLOBS = ("poet.tang.*.json", "poet.song.*.json")
@@ -28,7 +30,6 @@ _NOTE_START = re.compile(r"^(按[：:]|見《)")
 _BOOK_MARKS = re.compile(r"[《》〈〉]")
 # A chapter reference ending a line (…卷十七、), as in source lists; 雲卷四山雪 is verse.
 _CHAPTER = re.compile(r"卷[一二三四五六七八九十百○〇]+(?:[、，。；]|$)")
-_LINE = re.compile(r"[，。？！；：、,.?!;:]+")
 LONGEST_VERSE_LINE_WITH_BOOK_TITLE = 7
 _CJK = re.compile(r"[\u3400-\u9fff\U00020000-\U0002ffff]")
 
@@ -77,7 +78,7 @@ def is_note_paragraph(paragraph: str) -> bool:
     if _QUOTES.search(paragraph) or _NOTE_START.match(paragraph):
         return True
     if _BOOK_MARKS.search(paragraph):
-        lines = _LINE.split(_BOOK_MARKS.sub("", paragraph))
+        lines = split_lines(_BOOK_MARKS.sub("", paragraph))
         return bool(_CHAPTER.search(paragraph)) or any(len(line) > LONGEST_VERSE_LINE_WITH_BOOK_TITLE for line in lines)
     return False
 
