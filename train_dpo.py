@@ -30,7 +30,7 @@ from poemdpo.dpo import (
     to_conversational,
     use_chat_format,
 )
-from poemdpo.generation import generate_poems, max_new_tokens_within_context
+from poemdpo.generation import default_max_new_tokens, generate_poems
 from poemdpo.hub import check_hub_access, push_final_model
 from poemdpo.model_card import write_model_card
 from poemdpo.samples import PoemDPOTrainer, SamplePoemsCallback
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> PoemDPOTrainer:
 
     # The policy is still the reference here: its poems are the reference's, sampled once.
     max_new_tokens = (
-        max_new_tokens_within_context(model, tokenizer, titles, script_args.sample_max_new_tokens) if titles else 0
+        default_max_new_tokens(model, script_args.sample_max_new_tokens) if titles else 0
     )
     reference_poems = generate_poems(model, tokenizer, titles, max_new_tokens=max_new_tokens, seed=args.seed)
 

@@ -19,6 +19,7 @@ import contextlib
 import hashlib
 import logging
 import random
+import statistics
 import sys
 import tempfile
 import time
@@ -47,7 +48,7 @@ from poemdpo.base_model import (  # noqa: E402
 )
 from poemdpo.corpus import read_corpus  # noqa: E402
 from poemdpo.dataset import split_poems  # noqa: E402
-from poemdpo.generation import generate_poems, max_new_tokens_within_context  # noqa: E402
+from poemdpo.generation import default_max_new_tokens, generate_poems  # noqa: E402
 from poemdpo.metrics import loss_per_character, well_formed_rate  # noqa: E402
 from poemdpo.prompts import build_prompt  # noqa: E402
 from poemdpo.tokenizer import train_char_tokenizer  # noqa: E402
@@ -55,9 +56,11 @@ from poemdpo.tokenizer import train_char_tokenizer  # noqa: E402
 
 @dataclass
 class BenchArguments:
-    steps: int = field(default=30, metadata={"help": "(a): timed optimizer steps per side, after the warm-up."})
+    steps: int = field(default=60, metadata={"help": "(a): timed optimizer steps per side, after the warm-up."})
     warmup: int = field(default=3, metadata={"help": "(a): untimed steps first (allocations, caches)."})
-    rounds: int = field(default=2, metadata={"help": "(a): alternate plain loop and trainer this many times."})
+    rounds: int = field(
+        default=3, metadata={"help": "(a): alternate plain loop and trainer this many times; the median ratio counts."}
+    )
     skip_speed: bool = field(default=False, metadata={"help": "Skip (a)."})
     sft_trainer: bool = field(
         default=False, metadata={"help": "(a): time TRL's SFTTrainer (recipe data, fused LM head) instead."}
@@ -158,6 +161,7 @@ def speed(args: BaseModelArguments, training_args: TrainingArguments, bench: Ben
         f"bf16 {training_args.bf16}, activation checkpointing {training_args.activation_checkpointing}, "
         f"optimizer {training_args.optim}"
     )
+    ratios = []
     for round_ in range(bench.rounds):
         with tempfile.TemporaryDirectory() as tmp:
             training_args.output_dir = tmp
@@ -184,11 +188,13 @@ def speed(args: BaseModelArguments, training_args: TrainingArguments, bench: Ben
             timed = recorder.batches[bench.warmup : n]
             ours = sum(map(_tokens, timed)) / (clock.times[n - 1] - clock.times[bench.warmup - 1])
             same = list(map(_digest, recorder.batches[:n])) == list(map(_digest, batches))
+            ratios.append(ours / plain)
             print(
                 f"round {round_ + 1}: batch {tuple(batches[0]['input_ids'].shape)}, same batches {same} | "
                 f"plain loop {plain:,.0f} tokens/s | {name} {ours:,.0f} tokens/s | ratio {ours / plain:.2f}",
                 flush=True,
             )
+    print(f"median ratio {name}/plain over {len(ratios)} rounds: {statistics.median(ratios):.2f}")
 
 
 def full_epoch(args: BaseModelArguments, training_args: TrainingArguments) -> None:
@@ -242,7 +248,7 @@ def quality(model_dir: str, args: BaseModelArguments, bench: BenchArguments) -> 
         titles,
         temperature=config.temperature,
         # The saved default, cut so prompt + poem fit the context the model was trained on.
-        max_new_tokens=max_new_tokens_within_context(model, tokenizer, titles),
+        max_new_tokens=default_max_new_tokens(model),
         batch_size=50,
         seed=bench.sample_seed,
     )

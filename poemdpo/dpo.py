@@ -68,7 +68,8 @@ class DPOScriptArguments:
     sample_max_new_tokens: int | None = field(
         default=None,
         metadata={"help": "Length limit of a sample poem, in tokens. Default: the model's "
-                  "generation_config.max_new_tokens (else 128), cut to fit its context (as evaluate.py does)."},
+                  "generation_config.max_new_tokens (else 128), fewer where a poem would pass its context "
+                  "(as evaluate.py)."},
     )
     prompt_format: str = field(
         default="auto",

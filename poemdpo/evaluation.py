@@ -16,7 +16,7 @@ from datasets import Dataset, DatasetDict, load_from_disk
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .forms import is_strict_five
-from .generation import generate_poems, max_new_tokens_within_context
+from .generation import default_max_new_tokens, generate_poems
 from .metrics import (
     degenerate_rate,
     distinct_n,
@@ -65,7 +65,7 @@ class EvalArguments:
     max_new_tokens: int | None = field(
         default=None,
         metadata={"help": "Longest poem sampled, in tokens. Default: each model's generation_config.max_new_tokens "
-                  "(else 128), cut so that the longest prompt plus poem fits its context. A poem cut short counts "
+                  "(else 128), fewer where prompt plus poem would pass its context. A poem cut short counts "
                   "as not well-formed, so a cap below the corpus's long poems would be measured as bad form."},
     )
     batch_size: int = field(default=64, metadata={"help": "Batch size for sampling and for scoring."})
@@ -349,7 +349,7 @@ def run(args: EvalArguments) -> dict:
     models, poems = {}, {}
     for name, model, tokenizer in (("aligned", policy, policy_tok), ("reference", reference, reference_tok)):
         print(f"evaluating the {name} model")
-        max_new_tokens = max_new_tokens_within_context(model, tokenizer, titles, args.max_new_tokens)
+        max_new_tokens = default_max_new_tokens(model, args.max_new_tokens)
         poems[name] = generate_poems(
             model, tokenizer, titles, temperature=args.temperature, max_new_tokens=max_new_tokens,
             batch_size=args.batch_size, seed=args.seed, progress=True,

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 from tqdm.auto import tqdm
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel
 
 from .prompts import build_prompt, conversational
 
@@ -42,7 +42,7 @@ def generate_poems(
     titles: Sequence[str],
     *,
     temperature: float = 1.0,
-    max_new_tokens: int = 128,
+    max_new_tokens: int | None = None,
     batch_size: int = 64,
     seed: int = 0,
     do_sample: bool = True,
@@ -57,12 +57,23 @@ def generate_poems(
     the model's distribution, not a truncated one. The same seed, titles and batch size give the same
     poems; the global torch RNG is left untouched. The model is put in eval mode (no dropout) and
     restored afterwards; the tokenizer's padding side is restored too.
+
+    A poem gets at most `max_new_tokens` tokens (default: the model's generation config, else 128), fewer
+    where prompt plus poem would pass the model's context (`max_position_embeddings`): positions past it
+    were never trained. Prompts are batched with others of their length, so one long title shortens only
+    the poems batched with it, not every poem.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if not titles:
+        return []
+    max_new_tokens = default_max_new_tokens(model, max_new_tokens)
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     texts = prompt_texts(tokenizer, titles)
     # A chat template already writes bos when the model wants one; adding specials would double it.
     add_special_tokens = not getattr(tokenizer, "chat_template", None)
+    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]]
+    order = sorted(range(len(texts)), key=lengths.__getitem__)
     eos_ids = _eos_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
@@ -72,59 +83,48 @@ def generate_poems(
     model.eval()
     # Decoder-only models continue from the last position, so all prompts must end at the same column.
     tokenizer.padding_side = "left"
-    poems: list[str] = []
+    poems: list[str] = [""] * len(texts)
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(seed)
             starts = range(0, len(texts), batch_size)
             for start in tqdm(starts, desc="generating", unit="batch", disable=not progress):
+                rows = order[start : start + batch_size]
                 batch = tokenizer(
-                    texts[start : start + batch_size],
+                    [texts[i] for i in rows],
                     return_tensors="pt",
                     padding=True,
                     add_special_tokens=add_special_tokens,
                 ).to(device)
+                room = max_new_tokens
+                if context is not None:
+                    room = min(room, context - batch["input_ids"].shape[1])
+                    if room < 1:
+                        longest = titles[rows[-1]]
+                        raise ValueError(
+                            f"the prompt for title {longest!r} takes {lengths[rows[-1]]} tokens, leaving no room "
+                            f"for a poem in the model's context (max_position_embeddings={context})"
+                        )
                 output = model.generate(
                     input_ids=batch["input_ids"],
                     attention_mask=batch["attention_mask"],
                     do_sample=do_sample,
-                    max_new_tokens=max_new_tokens,
+                    max_new_tokens=room,
                     pad_token_id=pad_id,
                     eos_token_id=sorted(eos_ids) or None,
                     **sampling,
                 )
-                for row in output[:, batch["input_ids"].shape[1] :].tolist():
+                for i, row in zip(rows, output[:, batch["input_ids"].shape[1] :].tolist(), strict=True):
                     # generate pads a finished row with pad (often = eos); cut at the first eos explicitly.
-                    cut = next((i for i, t in enumerate(row) if t in eos_ids), len(row))
-                    poems.append(tokenizer.decode(row[:cut], skip_special_tokens=True))
+                    cut = next((j for j, t in enumerate(row) if t in eos_ids), len(row))
+                    poems[i] = tokenizer.decode(row[:cut], skip_special_tokens=True)
     finally:
         tokenizer.padding_side = padding_side
         model.train(was_training)
     return poems
 
 
-def max_new_tokens_within_context(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, titles: Sequence[str], wanted: int | None = None
-) -> int:
-    """`wanted` (else the model's generation default, else 128), cut so the longest prompt plus poem fits.
-
-    Positions past `max_position_embeddings` were never trained, so text there is not the model's poem.
-    """
-    wanted = wanted or getattr(model.generation_config, "max_new_tokens", None) or DEFAULT_MAX_NEW_TOKENS
-    limit = getattr(model.config, "max_position_embeddings", None)
-    if limit is None:
-        return wanted
-    # Tokenized as generate_poems does it: a chat template already writes whatever specials the model wants.
-    add_special_tokens = not getattr(tokenizer, "chat_template", None)
-    lengths = {
-        title: len(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
-        for title, text in zip(titles, prompt_texts(tokenizer, titles), strict=True)
-    }
-    longest = max(lengths, key=lengths.__getitem__)
-    room = limit - lengths[longest]
-    if room < 1:
-        raise ValueError(
-            f"the prompt for title {longest!r} takes {lengths[longest]} tokens, leaving no room for a poem in the "
-            f"model's context (max_position_embeddings={limit})"
-        )
-    return min(wanted, room)
+def default_max_new_tokens(model: PreTrainedModel, wanted: int | None = None) -> int:
+    """`wanted`, else the model's generation default, else 128: the most tokens generate_poems gives a poem."""
+    config = getattr(model, "generation_config", None)
+    return wanted or getattr(config, "max_new_tokens", None) or DEFAULT_MAX_NEW_TOKENS

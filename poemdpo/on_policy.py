@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from .corpus import Poem
 from .forms import classify, is_degenerate
-from .generation import DEFAULT_MAX_NEW_TOKENS, generate_poems, max_new_tokens_within_context
+from .generation import DEFAULT_MAX_NEW_TOKENS, default_max_new_tokens, generate_poems
 from .pairs import DEFAULT_PAIRING, build_pairs
 from .rules import preferred
 
@@ -148,7 +148,7 @@ def with_on_policy_train(
             f"on-policy samples per title must be at least 2 (a pair needs two poems), got {samples_per_title}"
         )
     titles = choose_titles(train_poems, num_titles, seed)
-    max_new_tokens = max_new_tokens_within_context(model, tokenizer, titles, max_new_tokens)
+    max_new_tokens = default_max_new_tokens(model, max_new_tokens)
     start = time.perf_counter()
     samples = sample_poems(
         model,

@@ -5,6 +5,8 @@ Also home of the tiny tokenizer/model helpers the other evaluation tests import.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -52,6 +54,7 @@ def test_one_completion_per_title_without_prompt_or_specials(tok, model):
         assert isinstance(poem, str) and poem
         assert not any(s in poem for s in ("<INS>", "<INP>", "<RES>", "<pad>", "</s>", "<s>"))
         assert len(poem) <= 20  # char-level: at most one character per new token
+    assert generate_poems(model, tok, []) == []
 
 
 def test_deterministic_for_a_seed_and_leaves_global_rng_alone(tok, model):
@@ -105,6 +108,43 @@ def test_cuts_at_the_first_eos_and_strips_specials(tok):
     assert fake.seen_kwargs["top_k"] == 0 and fake.seen_kwargs["temperature"] == 1.0
     generate_poems(fake, tok, ["月"], do_sample=False)
     assert "temperature" not in fake.seen_kwargs and fake.seen_kwargs["do_sample"] is False
+
+
+class ContextLM(ScriptedLM):
+    """A scripted model with a context length; records each batch's width and length limit."""
+
+    def __init__(self, continuation: list[int], context: int, max_new_tokens: int = 200):
+        super().__init__(continuation)
+        self.config = SimpleNamespace(max_position_embeddings=context)
+        self.generation_config = SimpleNamespace(max_new_tokens=max_new_tokens)
+        self.calls: list[tuple[int, int]] = []
+
+    def generate(self, input_ids, attention_mask, **kwargs):
+        self.calls.append((input_ids.shape[1], kwargs["max_new_tokens"]))
+        return super().generate(input_ids, attention_mask, **kwargs)
+
+
+def test_poems_fit_the_context_and_a_long_title_shortens_only_its_own_batch(tok):
+    titles = ["月", "長" * 40, "送君", "山中"]
+    width = {t: len(tok(build_prompt(t))["input_ids"]) for t in titles}
+    fake = ContextLM([tok.eos_token_id], context=width["長" * 40] + 10)
+    assert generate_poems(fake, tok, titles, batch_size=2) == [""] * 4
+    # Batched by prompt length: 月 with 送君, 山中 with the long title, which alone gets the short limit.
+    assert sorted(fake.calls) == sorted(
+        [(width["送君"], min(200, fake.config.max_position_embeddings - width["送君"])), (width["長" * 40], 10)]
+    )
+    # Without a context, the generation config's limit; an explicit limit wins.
+    fake = ContextLM([tok.eos_token_id], context=10_000, max_new_tokens=77)
+    generate_poems(fake, tok, ["月"])
+    generate_poems(fake, tok, ["月"], max_new_tokens=5)
+    assert [limit for _, limit in fake.calls] == [77, 5]
+
+
+def test_a_prompt_that_fills_the_context_is_a_clear_error(tok):
+    long_title = "長" * 40
+    fake = ContextLM([tok.eos_token_id], context=len(tok(build_prompt(long_title))["input_ids"]))
+    with pytest.raises(ValueError, match=f"{long_title}.*no room.*max_position_embeddings="):
+        generate_poems(fake, tok, ["月", long_title])
 
 
 def test_chat_template_is_used_when_the_tokenizer_has_one(tok, model):

@@ -25,7 +25,7 @@ from conftest import make_corpus_poems
 from poemdpo.corpus import read_corpus
 from poemdpo.dataset import STATS_FILE, build_preference_dataset, split_poems
 from poemdpo.forms import classify, is_degenerate
-from poemdpo.generation import generate_poems
+from poemdpo.generation import DEFAULT_MAX_NEW_TOKENS, generate_poems
 from poemdpo.on_policy import choose_titles, load_sampler, with_on_policy_train
 from poemdpo.pairs import DEFAULT_PAIRING
 from poemdpo.prompts import build_prompt
@@ -143,18 +143,22 @@ def test_pairs_are_the_models_own_samples_split_by_the_rule(built):
     # The chain really produced each case the builder has to handle.
     assert any(preferred(t, "five_char") and is_degenerate(t) for t in texts)  # never chosen (checked above)
     assert any(preferred(t, "five_char") for t in texts) and any(not preferred(t, "five_char") for t in texts)
-    assert any(len(t) == stats["on_policy"]["max_new_tokens"] for t in texts)  # cut by the context
 
 
 def test_generation_fits_the_models_context(built):
     root, model_dir, _, stats = built
     _, tokenizer = load_sampler(model_dir)
     max_new_tokens = stats["on_policy"]["max_new_tokens"]
-    longest = max(len(tokenizer(build_prompt(t))["input_ids"]) for t in sampled_titles(root))
     # The model's generation default (none, so 128) would run far past its 48 positions.
-    assert max_new_tokens == MAX_POSITIONS - longest
-    for title, texts in model_samples(root, model_dir, max_new_tokens).items():
-        assert all(len(tokenizer(build_prompt(title) + t)["input_ids"]) <= MAX_POSITIONS for t in texts)
+    assert max_new_tokens == DEFAULT_MAX_NEW_TOKENS
+    used = [
+        len(tokenizer(build_prompt(title) + t)["input_ids"])
+        for title, texts in model_samples(root, model_dir, max_new_tokens).items()
+        for t in texts
+    ]
+    assert max(used) <= MAX_POSITIONS
+    # Some poems ran until the context stopped them (within the few tokens a longer title in the batch takes).
+    assert any(n >= MAX_POSITIONS - 3 for n in used)
 
 
 def test_test_split_is_the_corpus_test_split(built):
