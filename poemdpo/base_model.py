@@ -34,6 +34,7 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from poemdpo.corpus import DEFAULT_CORPUS, CorpusError, Poem, read_corpus
 from poemdpo.dataset import split_poems
+from poemdpo.forms import is_well_formed
 from poemdpo.prompts import build_prompt
 from poemdpo.splits import DEFAULT_SPLIT_SEED, DEFAULT_TEST_SIZE
 from poemdpo.tokenizer import DEFAULT_MIN_FREQUENCY, train_char_tokenizer
@@ -59,6 +60,15 @@ class BaseModelArguments:
     max_poems: int | None = field(
         default=None, metadata={"help": "Train on the first N training-split poems only (quick trials)."}
     )
+    poems: str = field(
+        default="all",
+        metadata={
+            "help": "Which training-split poems to learn from. all: every one. well_formed: only poems with equal "
+            "line lengths, an even number of lines and final punctuation (90%% of the corpus; the rest are 詞 "
+            "lyrics, mixed-length 古體 and leftover editors' notes), so the model writes regular verse more often.",
+            "choices": ["all", "well_formed"],
+        },
+    )
     min_frequency: int = field(
         default=DEFAULT_MIN_FREQUENCY,
         metadata={"help": "A character enters the vocabulary if it occurs this often in the training texts."},
@@ -74,6 +84,15 @@ class BaseModelArguments:
             "each poem at positions 0.. and attending only to itself, as at generation time; a block is padded "
             "where no poem fits, and poems longer than max_length are truncated.",
             "choices": ["wrapped", "bfd"],
+        },
+    )
+    overlong: str = field(
+        default="drop",
+        metadata={
+            "help": "bfd only: what to do with a poem whose prompt + poem + eos is longer than max_length. drop: "
+            "leave it out. truncate: keep its first max_length tokens, which end without eos and teach the model "
+            "that a poem may run on past where it should stop.",
+            "choices": ["drop", "truncate"],
         },
     )
     hidden_size: int = field(default=192, metadata={"help": "Width of the model."})
@@ -104,6 +123,8 @@ def load_training_texts(args: BaseModelArguments) -> list[str]:
     except CorpusError as e:
         raise SystemExit(f"error: {e}") from None
     train = split_poems(poems, args.test_size, args.split_seed)["train"]
+    if args.poems == "well_formed":
+        train = [p for p in train if is_well_formed(p.text)]
     if args.max_poems is not None:
         train = train[: args.max_poems]
     if not train:
@@ -146,18 +167,32 @@ def build_model(args: BaseModelArguments, tokenizer: PreTrainedTokenizerFast) ->
 
 
 def packed_dataset(
-    texts: list[str], tokenizer: PreTrainedTokenizerFast, max_length: int, strategy: str, seed: int
+    texts: list[str],
+    tokenizer: PreTrainedTokenizerFast,
+    max_length: int,
+    strategy: str,
+    seed: int,
+    overlong: str = "drop",
 ) -> Dataset:
-    """`text + eos` for each text, tokenized, shuffled, and packed into blocks of `max_length` tokens."""
+    """`text + eos` for each text, tokenized, shuffled, and packed into blocks of `max_length` tokens.
+
+    With bfd, `overlong="drop"` leaves out the examples longer than a block instead of truncating them.
+    """
     # eos ends every example, so the model learns where a poem stops.
     dataset = Dataset.from_dict({"text": [t + tokenizer.eos_token for t in texts]}).shuffle(seed=seed)
     dataset = dataset.map(
-        # verbose=False: poems longer than a block are expected here; packing cuts them, nothing is lost.
+        # verbose=False: poems longer than a block are expected here; they are dropped or cut below.
         lambda batch: {"input_ids": tokenizer(batch["text"], verbose=False)["input_ids"]},
         batched=True,
         remove_columns=["text"],
         desc="tokenizing",
     )
+    if strategy == "bfd" and overlong == "drop":
+        before = len(dataset)
+        dataset = dataset.filter(
+            lambda batch: [len(ids) <= max_length for ids in batch["input_ids"]], batched=True, desc="dropping overlong"
+        )
+        logger.info("dropped %d of %d poems longer than %d tokens", before - len(dataset), before, max_length)
     # One map batch, so wrapped packing leaves a single short block at the end instead of one per batch.
     return pack_dataset(dataset, max_length, strategy=strategy, map_kwargs={"batch_size": len(dataset)})
 
@@ -191,7 +226,9 @@ def make_trainer(
     """A Trainer for a fresh model on `texts`; builds the tokenizer from them unless one is given."""
     if tokenizer is None:
         tokenizer = train_char_tokenizer(texts, args.min_frequency, model_max_length=args.max_length)
-    dataset = packed_dataset(texts, tokenizer, args.max_length, args.packing_strategy, training_args.seed)
+    dataset = packed_dataset(
+        texts, tokenizer, args.max_length, args.packing_strategy, training_args.seed, args.overlong
+    )
     model = build_model(args, tokenizer)
     if args.packing_strategy == "bfd":
         collator = PackedPoemsCollator(tokenizer.pad_token_id)

@@ -18,6 +18,7 @@ from poemdpo.base_model import (
     load_training_texts,
     packed_dataset,
 )
+from poemdpo.forms import is_well_formed
 from poemdpo.prompts import build_prompt
 from poemdpo.splits import is_test_title
 from poemdpo.tokenizer import train_char_tokenizer
@@ -154,6 +155,30 @@ def test_bfd_blocks_keep_each_poem_to_itself():
             start += length
     assert len(blocks[row]["seq_lengths"]) > 1  # the check above compared a block of several poems
     assert (batch["labels"][batch["input_ids"] == tokenizer.pad_token_id] == -100).all()
+
+
+def test_bfd_drops_or_truncates_poems_longer_than_a_block():
+    texts = [build_prompt(f"題{i}") + "山水風月，雲花春秋。" * (1 + 5 * (i % 2)) for i in range(10)]
+    tokenizer = train_char_tokenizer(texts, min_frequency=1)
+    lengths = sorted(len(tokenizer(t)["input_ids"]) + 1 for t in texts)  # + eos
+    assert lengths[4] <= 48 < lengths[5]  # five fit a 48-token block, five do not
+
+    dropped = packed_dataset(texts, tokenizer, max_length=48, strategy="bfd", seed=0)
+    assert sorted(n for b in dropped["seq_lengths"] for n in b) == lengths[:5]
+    assert sum(b.count(tokenizer.eos_token_id) for b in dropped["input_ids"]) == 5  # every kept poem ends
+
+    kept = packed_dataset(texts, tokenizer, max_length=48, strategy="bfd", seed=0, overlong="truncate")
+    assert sorted(n for b in kept["seq_lengths"] for n in b) == lengths[:5] + [48] * 5
+    assert sum(b.count(tokenizer.eos_token_id) for b in kept["input_ids"]) == 5  # the cut ones lost theirs
+
+
+def test_well_formed_only_keeps_regular_poems(trained):
+    corpus, _, _ = trained
+    every = load_training_texts(BaseModelArguments(corpus=str(corpus)))
+    regular = load_training_texts(BaseModelArguments(corpus=str(corpus), poems="well_formed"))
+    poems = [t.split("<RES>")[1] for t in every]
+    assert regular == [t for t, p in zip(every, poems, strict=True) if is_well_formed(p)]
+    assert 0 < len(regular) < len(every)  # the fixture's 杂言 poems are left out
 
 
 def test_bfd_training_loss_falls(tmp_path):
