@@ -23,7 +23,7 @@ from poemdpo.on_policy import (
     load_sampler,
     with_on_policy_train,
 )
-from poemdpo.pairs import DEFAULT_PAIRING, STRATEGIES
+from poemdpo.pairs import DEFAULT_NEAR_MISS_SHARE, DEFAULT_PAIRING, STRATEGIES
 from poemdpo.rules import RULES
 from poemdpo.splits import DEFAULT_SPLIT_SEED, DEFAULT_TEST_SIZE
 
@@ -46,6 +46,11 @@ class BuildArguments:
         default=DEFAULT_PAIRING,
         metadata={"help": "random: any rejected poem; length_matched: the rejected poem nearest in length, "
                   "so DPO cannot win by length alone.", "choices": list(STRATEGIES)},
+    )
+    near_miss_share: float = field(
+        default=DEFAULT_NEAR_MISS_SHARE,
+        metadata={"help": "Share of train pairs whose rejected poem is the chosen poem with one line a character "
+                  "shorter or longer (the slip an aligned model still makes); test pairs are never near misses."},
     )
     seed: int = field(default=42, metadata={"help": "Seed for the pairing (which poems meet)."})
     split_seed: int = field(
@@ -98,7 +103,14 @@ def main(argv: list[str] | None = None) -> dict:
         sampler = load_sampler(args.on_policy_model) if args.on_policy_model else None
         poems, corpus_stats = read_corpus(args.corpus, skip_bad=args.skip_bad, to_simplified=args.to_simplified)
         dataset, stats = build_preference_dataset(
-            poems, args.rule, args.pairing, args.seed, args.test_size, args.split_seed, corpus_stats
+            poems,
+            args.rule,
+            args.pairing,
+            args.seed,
+            args.test_size,
+            args.split_seed,
+            corpus_stats,
+            near_miss_share=args.near_miss_share,
         )
         if sampler:
             model, tokenizer = sampler

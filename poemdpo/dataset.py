@@ -32,12 +32,16 @@ def build_preference_dataset(
     test_size: float = DEFAULT_TEST_SIZE,
     split_seed: int = DEFAULT_SPLIT_SEED,
     corpus_stats: CorpusStats | None = None,
+    near_miss_share: float = 0.0,
 ) -> tuple[DatasetDict, dict]:
-    """Pairs built within each split, so a test pair's two poems both have held-out titles."""
+    """Pairs built within each split, so a test pair's two poems both have held-out titles.
+
+    Near misses (`pairs.build_pairs`) go into the train split only: test pairs stay two corpus poems.
+    """
     splits = split_poems(poems, test_size, split_seed)
     data = {}
     for name, members in splits.items():
-        rows = build_pairs(members, rule, strategy, seed)
+        rows = build_pairs(members, rule, strategy, seed, near_miss_share if name == "train" else 0.0)
         if not rows:
             raise ValueError(
                 f"the {name} split has no pairs under rule {rule!r}: it needs both preferred and "
@@ -49,6 +53,8 @@ def build_preference_dataset(
         "corpus": corpus_stats.to_dict() if corpus_stats else None,
         "rule": rule,
         "strategy": strategy,
+        "near_miss_share": near_miss_share,
+        "near_miss_pairs": {name: ds["rejected_source"].count("near_miss") for name, ds in dataset.items()},
         "seed": seed,
         "test_size": test_size,
         "split_seed": split_seed,
@@ -76,6 +82,12 @@ def dataset_card(stats: dict) -> str:
         if on_policy
         else ""
     )
+    near_misses = (stats.get("near_miss_pairs") or {}).get("train")
+    if near_misses:
+        source += (
+            f"\n{near_misses} train pairs (`rejected_source` = `near_miss`) reject the chosen poem itself with one "
+            "line a character shorter or longer; the other rejected poems are corpus poems.\n"
+        )
     return f"""---
 language: [lzh]
 license: mit

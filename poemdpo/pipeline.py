@@ -21,7 +21,7 @@ from pathlib import Path
 from transformers import HfArgumentParser
 
 from .corpus import DEFAULT_CORPUS
-from .pairs import DEFAULT_PAIRING, STRATEGIES
+from .pairs import DEFAULT_NEAR_MISS_SHARE, DEFAULT_PAIRING, STRATEGIES
 from .rules import RULES
 from .samples import rule_rate
 
@@ -34,6 +34,9 @@ class PipelineArguments:
                       metadata={"help": "Which poems DPO should prefer.", "choices": sorted(RULES)})
     pairing: str = field(default=DEFAULT_PAIRING, metadata={"help": "Pairing strategy of build_dataset.py.",
                                                       "choices": list(STRATEGIES)})
+    near_miss_share: float = field(
+        default=DEFAULT_NEAR_MISS_SHARE, metadata={"help": "Share of near-miss train pairs (build_dataset.py)."}
+    )
     corpus: str = field(default=str(DEFAULT_CORPUS), metadata={"help": "Corpus directory or file (chinese-poetry)."})
     pairs_dir: str | None = field(default=None, metadata={"help": "Where the pairs go (default: data/pairs_<rule>)."})
     base_model: str = field(default="data/base_model",
@@ -65,7 +68,8 @@ def main(argv: list[str] | None = None) -> dict:
     seconds = {}
 
     seconds["dataset"] = run_stage("dataset", ["build_dataset.py", "--corpus", args.corpus, "--rule", args.rule,
-                                               "--pairing", args.pairing, "--output_dir", pairs])
+                                               "--pairing", args.pairing, "--near_miss_share",
+                                               str(args.near_miss_share), "--output_dir", pairs])
     if not (ROOT / args.base_model / "config.json").is_file():
         seconds["base model"] = run_stage("base model", ["train_base.py", "--config", args.base_config,
                                                          "--output_dir", args.base_model])

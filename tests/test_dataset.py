@@ -10,9 +10,9 @@ from conftest import make_corpus_poems
 from poemdpo.corpus import DEFAULT_CORPUS, Poem, read_corpus
 from poemdpo.dataset import build_preference_dataset
 from poemdpo.forms import classify
-from poemdpo.pairs import build_pairs
+from poemdpo.pairs import build_pairs, near_miss
 from poemdpo.prompts import build_prompt
-from poemdpo.rules import RULES
+from poemdpo.rules import RULES, preferred
 
 
 def poems(n=140, seed=0):
@@ -53,6 +53,38 @@ def test_length_matched_pairs_are_closer_in_length_than_random():
     matched_rows = build_pairs(poems(), "five_char", "length_matched", seed=1)
     assert len(random_rows) == len(matched_rows)
     assert gap(matched_rows) < 0.5 * gap(random_rows)
+
+
+def test_a_near_miss_has_one_line_a_character_off():
+    text = "秦川雄帝宅，函谷壯皇居。\n綺殿千尋起，離宮百雉餘。"
+    rng = random.Random(0)
+    for _ in range(50):
+        before, after = classify(text).line_lengths, classify(near_miss(text, rng)).line_lengths
+        assert len(after) == len(before)
+        changed = [(a, b) for a, b in zip(before, after, strict=True) if a != b]
+        assert len(changed) == 1 and abs(changed[0][0] - changed[0][1]) == 1
+
+
+@pytest.mark.parametrize("rule", ["five_char", "seven_char"])
+def test_near_miss_share_of_train_pairs(rule):
+    plain = build_pairs(poems(), rule, "length_matched", seed=5)
+    mixed = build_pairs(poems(), rule, "length_matched", seed=5, near_miss_share=0.5)
+    assert [r["chosen"] for r in mixed] == [r["chosen"] for r in plain]
+    misses = [r for r in mixed if r["rejected_source"] == "near_miss"]
+    assert 0.25 < len(misses) / len(mixed) < 0.75
+    for row in misses:
+        assert row["rejected_title"] == row["title"] and not preferred(row["rejected"], rule)
+        assert abs(len(row["rejected"]) - len(row["chosen"])) == 1
+    assert {r["rejected_source"] for r in plain} == {"corpus"}
+    with pytest.raises(ValueError, match="near_miss_share must be between 0 and 1, got 1.5"):
+        build_pairs(poems(), rule, "random", 0, near_miss_share=1.5)
+
+
+def test_near_misses_stay_out_of_the_test_split():
+    dataset, stats = build_preference_dataset(poems(300), "five_char", "length_matched", near_miss_share=1.0)
+    assert set(dataset["test"]["rejected_source"]) == {"corpus"}
+    assert stats["near_miss_pairs"] == {"train": dataset["train"]["rejected_source"].count("near_miss"), "test": 0}
+    assert stats["near_miss_pairs"]["train"] == len(dataset["train"])
 
 
 def test_every_preferred_poem_is_used_once():
