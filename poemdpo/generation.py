@@ -12,6 +12,21 @@ from .prompts import build_prompt, conversational
 
 # Used when neither the caller nor the model's generation config says how long a poem may be.
 DEFAULT_MAX_NEW_TOKENS = 128
+# How an unknown token reads in a sampled poem: the mark texts use for a missing character. Skipped like the
+# other special tokens, a line of five tokens with one rare character would count as a four-character line.
+UNKNOWN_CHARACTER = "□"
+
+
+def decode_poem(tokenizer, ids: Sequence[int]) -> str:
+    """`ids` as text without special tokens, each unknown token written as UNKNOWN_CHARACTER."""
+    unk = tokenizer.unk_token_id
+    pieces, start = [], 0
+    for i, token in enumerate(ids):
+        if token == unk:
+            pieces.append(tokenizer.decode(ids[start:i], skip_special_tokens=True))
+            start = i + 1
+    pieces.append(tokenizer.decode(ids[start:], skip_special_tokens=True))
+    return UNKNOWN_CHARACTER.join(pieces)
 
 
 def prompt_texts(tokenizer, titles: Sequence[str]) -> list[str]:
@@ -50,7 +65,8 @@ def generate_poems(
     top_p: float = 1.0,
     progress: bool = False,
 ) -> list[str]:
-    """One completion per title, in order: the decoded text after the prompt, cut at eos, specials stripped.
+    """One completion per title, in order: the decoded text after the prompt, cut at eos, specials stripped
+    (unknown tokens read as UNKNOWN_CHARACTER).
 
     Sampling is plain ancestral sampling at `temperature` by default (`top_k=0`, `top_p=1.0`):
     transformers would otherwise apply its own default top_k=50, and the evaluation should measure
@@ -117,7 +133,7 @@ def generate_poems(
                 for i, row in zip(rows, output[:, batch["input_ids"].shape[1] :].tolist(), strict=True):
                     # generate pads a finished row with pad (often = eos); cut at the first eos explicitly.
                     cut = next((j for j, t in enumerate(row) if t in eos_ids), len(row))
-                    poems[i] = tokenizer.decode(row[:cut], skip_special_tokens=True)
+                    poems[i] = decode_poem(tokenizer, row[:cut])
     finally:
         tokenizer.padding_side = padding_side
         model.train(was_training)

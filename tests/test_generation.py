@@ -12,7 +12,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from conftest import make_corpus_poems
-from poemdpo.generation import generate_poems, prompt_texts
+from poemdpo.generation import decode_poem, generate_poems, prompt_texts
 from poemdpo.prompts import build_prompt
 from poemdpo.tokenizer import train_char_tokenizer
 
@@ -145,6 +145,14 @@ def test_a_prompt_that_fills_the_context_is_a_clear_error(tok):
     fake = ContextLM([tok.eos_token_id], context=len(tok(build_prompt(long_title))["input_ids"]))
     with pytest.raises(ValueError, match=f"{long_title}.*no room.*max_position_embeddings="):
         generate_poems(fake, tok, ["月", long_title])
+
+
+def test_an_unknown_token_keeps_its_place_in_the_line(tok):
+    """A rare character the vocabulary lacks is still a character of the line: 5 tokens, 5 characters."""
+    ids = tok.convert_tokens_to_ids
+    line = [ids("山"), tok.unk_token_id, ids("水"), ids("風"), ids("月"), ids("。")]
+    assert generate_poems(ScriptedLM([*line, tok.eos_token_id]), tok, ["月"]) == ["山□水風月。"]
+    assert decode_poem(tok, [tok.unk_token_id, ids("<RES>"), tok.unk_token_id]) == "□□"
 
 
 def test_chat_template_is_used_when_the_tokenizer_has_one(tok, model):
