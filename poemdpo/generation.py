@@ -90,6 +90,12 @@ def generate_poems(
     add_special_tokens = not getattr(tokenizer, "chat_template", None)
     lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]]
     order = sorted(range(len(texts)), key=lengths.__getitem__)
+    # Checked before sampling anything, so a bad title costs no generation time.
+    if context is not None and lengths[order[-1]] >= context:
+        raise ValueError(
+            f"the prompt for title {titles[order[-1]]!r} takes {lengths[order[-1]]} tokens, leaving no room for "
+            f"a poem in the model's context (max_position_embeddings={context})"
+        )
     eos_ids = _eos_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
@@ -115,12 +121,6 @@ def generate_poems(
                 room = max_new_tokens
                 if context is not None:
                     room = min(room, context - batch["input_ids"].shape[1])
-                    if room < 1:
-                        longest = titles[rows[-1]]
-                        raise ValueError(
-                            f"the prompt for title {longest!r} takes {lengths[rows[-1]]} tokens, leaving no room "
-                            f"for a poem in the model's context (max_position_embeddings={context})"
-                        )
                 output = model.generate(
                     input_ids=batch["input_ids"],
                     attention_mask=batch["attention_mask"],

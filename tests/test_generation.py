@@ -144,7 +144,8 @@ def test_a_prompt_that_fills_the_context_is_a_clear_error(tok):
     long_title = "長" * 40
     fake = ContextLM([tok.eos_token_id], context=len(tok(build_prompt(long_title))["input_ids"]))
     with pytest.raises(ValueError, match=f"{long_title}.*no room.*max_position_embeddings="):
-        generate_poems(fake, tok, ["月", long_title])
+        generate_poems(fake, tok, ["月", long_title], batch_size=1)
+    assert fake.calls == []  # refused before sampling any batch
 
 
 def test_an_unknown_token_keeps_its_place_in_the_line(tok):
