@@ -48,7 +48,7 @@ from poemdpo.base_model import (  # noqa: E402
 )
 from poemdpo.corpus import read_corpus  # noqa: E402
 from poemdpo.dataset import split_poems  # noqa: E402
-from poemdpo.generation import default_max_new_tokens, generate_poems  # noqa: E402
+from poemdpo.generation import generate_poems  # noqa: E402
 from poemdpo.metrics import loss_per_character, well_formed_rate  # noqa: E402
 from poemdpo.prompts import build_prompt  # noqa: E402
 from poemdpo.tokenizer import train_char_tokenizer  # noqa: E402
@@ -247,8 +247,7 @@ def quality(model_dir: str, args: BaseModelArguments, bench: BenchArguments) -> 
         tokenizer,
         titles,
         temperature=config.temperature,
-        # The saved default, cut so prompt + poem fit the context the model was trained on.
-        max_new_tokens=default_max_new_tokens(model),
+        # No max_new_tokens: the saved default, cut so prompt + poem fit the context the model was trained on.
         batch_size=50,
         seed=bench.sample_seed,
     )

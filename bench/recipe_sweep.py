@@ -31,7 +31,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import train_dpo  # noqa: E402
-from poemdpo.generation import default_max_new_tokens, generate_poems  # noqa: E402
+from poemdpo.generation import generate_poems  # noqa: E402
 from poemdpo.metrics import degenerate_rate, distinct_n, loss_per_character, well_formed_rate  # noqa: E402
 from poemdpo.samples import rule_rate  # noqa: E402
 
@@ -64,10 +64,8 @@ def measure(model_dir: str, tokenizer_dir: str, titles: list[str], held_out: tup
             rule: str) -> dict:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    # As evaluate.py samples: the model's own length limit, cut to its context.
-    max_new_tokens = default_max_new_tokens(model)
-    poems = generate_poems(model, tokenizer, titles, temperature=1.0, seed=0, batch_size=64,
-                           max_new_tokens=max_new_tokens)
+    # As evaluate.py samples: generate_poems' default is the model's own length limit, cut to its context.
+    poems = generate_poems(model, tokenizer, titles, temperature=1.0, seed=0, batch_size=64)
     return {
         "rate": rule_rate(poems, rule),
         "well_formed": well_formed_rate(poems),

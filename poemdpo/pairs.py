@@ -83,7 +83,8 @@ def build_pairs(
         rejected_text, rejected_title, source = bad.text, bad.title, "corpus"
         if near_miss_share and rng.random() < near_miss_share:
             miss = near_miss(good.text, rng)
-            if not preferred(miss, rule):  # e.g. a 七言 poem shortened to 六言 lines elsewhere stays rejected
+            # A rule blind to line lengths could still prefer the changed poem: then the corpus partner stays.
+            if not preferred(miss, rule):
                 rejected_text, rejected_title, source = miss, good.title, "near_miss"
         rows.append(
             {
