@@ -14,18 +14,18 @@ from dataclasses import dataclass, field
 
 from transformers import HfArgumentParser
 
-from poemdpo.corpus import DEFAULT_CORPUS, CorpusError, read_corpus
-from poemdpo.dataset import build_preference_dataset, push_to_hub, save, split_poems
-from poemdpo.on_policy import (
+from poemdpo.data.corpus import DEFAULT_CORPUS, CorpusError, read_corpus
+from poemdpo.data.dataset import build_preference_dataset, push_to_hub, save, split_poems
+from poemdpo.data.on_policy import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_SAMPLES,
     DEFAULT_TITLES,
     load_sampler,
     with_on_policy_train,
 )
-from poemdpo.pairs import DEFAULT_NEAR_MISS_SHARE, DEFAULT_PAIRING, STRATEGIES
-from poemdpo.rules import RULES
-from poemdpo.splits import DEFAULT_SPLIT_SEED, DEFAULT_TEST_SIZE
+from poemdpo.data.pairs import DEFAULT_NEAR_MISS_SHARE, DEFAULT_PAIRING, STRATEGIES
+from poemdpo.data.rules import RULES
+from poemdpo.data.splits import DEFAULT_SPLIT_SEED, DEFAULT_TEST_SIZE
 
 
 @dataclass

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from transformers import HfArgumentParser
 
-from poemdpo.evaluation import EvalArguments, EvaluationError, headline, run
+from poemdpo.evaluation.evaluate import EvalArguments, EvaluationError, headline, run
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -4,7 +4,7 @@
     python train_base.py --config my.yaml --learning_rate 1e-3
     python train_base.py --resume_from_checkpoint true     # continue from the latest checkpoint
 
-Options are BaseModelArguments (poemdpo/base_model.py) and transformers' TrainingArguments; see --help.
+Options are BaseModelArguments (poemdpo/models/base_model.py) and transformers' TrainingArguments; see --help.
 Without --config, the recipe above is read first; command-line options override it.
 """
 
@@ -14,7 +14,7 @@ import sys
 from transformers import Trainer, TrainingArguments
 from trl import TrlParser
 
-from poemdpo.base_model import BaseModelArguments, train_base
+from poemdpo.models.base_model import BaseModelArguments, train_base
 
 DEFAULT_CONFIG = "configs/base_tiny_cpu.yaml"
 

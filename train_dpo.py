@@ -14,7 +14,8 @@ import sys
 
 from trl import DPOConfig, ModelConfig, TrlParser, get_peft_config
 
-from poemdpo.dpo import (
+from poemdpo.models.generation import default_max_new_tokens, generate_poems
+from poemdpo.training.dpo import (
     ConfigError,
     DPOScriptArguments,
     check_removed_keys,
@@ -30,11 +31,10 @@ from poemdpo.dpo import (
     to_conversational,
     use_chat_format,
 )
-from poemdpo.generation import default_max_new_tokens, generate_poems
-from poemdpo.hub import check_hub_access, push_final_model
-from poemdpo.model_card import write_model_card
-from poemdpo.samples import PoemDPOTrainer, SamplePoemsCallback
-from poemdpo.speed import use_compact_lm_head, with_lengths
+from poemdpo.training.hub import check_hub_access, push_final_model
+from poemdpo.training.model_card import write_model_card
+from poemdpo.training.samples import PoemDPOTrainer, SamplePoemsCallback
+from poemdpo.training.speed import use_compact_lm_head, with_lengths
 
 DEFAULT_RECIPE = "configs/dpo_tiny_cpu.yaml"
 

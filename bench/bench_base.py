@@ -39,19 +39,19 @@ from transformers import (  # noqa: E402
 from trl import TrlParser  # noqa: E402
 
 from poemdpo import forms  # noqa: E402
-from poemdpo.base_model import (  # noqa: E402
+from poemdpo.data.corpus import read_corpus  # noqa: E402
+from poemdpo.data.dataset import split_poems  # noqa: E402
+from poemdpo.data.prompts import build_prompt  # noqa: E402
+from poemdpo.evaluation.metrics import loss_per_character, well_formed_rate  # noqa: E402
+from poemdpo.models.base_model import (  # noqa: E402
     BaseModelArguments,
     build_model,
     load_training_texts,
     make_trainer,
     train_base,
 )
-from poemdpo.corpus import read_corpus  # noqa: E402
-from poemdpo.dataset import split_poems  # noqa: E402
-from poemdpo.generation import generate_poems  # noqa: E402
-from poemdpo.metrics import loss_per_character, well_formed_rate  # noqa: E402
-from poemdpo.prompts import build_prompt  # noqa: E402
-from poemdpo.tokenizer import train_char_tokenizer  # noqa: E402
+from poemdpo.models.generation import generate_poems  # noqa: E402
+from poemdpo.models.tokenizer import train_char_tokenizer  # noqa: E402
 
 
 @dataclass

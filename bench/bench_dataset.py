@@ -15,7 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import build_dataset  # noqa: E402
-from poemdpo.corpus import DEFAULT_CORPUS  # noqa: E402
+from poemdpo.data.corpus import DEFAULT_CORPUS  # noqa: E402
 
 
 def main() -> None:

@@ -74,9 +74,9 @@ def ensure_model(model_dir: str | None, cache_dir: Path) -> tuple[str, str]:
         import yaml
         from transformers import LlamaConfig, LlamaForCausalLM
 
-        from poemdpo.corpus import read_corpus
-        from poemdpo.prompts import build_prompt
-        from poemdpo.tokenizer import train_char_tokenizer
+        from poemdpo.data.corpus import read_corpus
+        from poemdpo.data.prompts import build_prompt
+        from poemdpo.models.tokenizer import train_char_tokenizer
 
         base = yaml.safe_load(BASE_RECIPE.read_text(encoding="utf-8"))
         poems, _ = read_corpus()
@@ -107,7 +107,7 @@ def bench_pairs(dataset_dir: str, n: int, seed: int):
     """The pairs every variant trains on: train_dpo.py's own selection (shuffle with the recipe seed, first n)."""
     from datasets import load_from_disk
 
-    from poemdpo.dpo import select_pairs
+    from poemdpo.training.dpo import select_pairs
 
     return select_pairs(load_from_disk(dataset_dir)["train"], n, seed)
 

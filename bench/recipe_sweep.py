@@ -31,9 +31,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import train_dpo  # noqa: E402
-from poemdpo.generation import generate_poems  # noqa: E402
-from poemdpo.metrics import degenerate_rate, distinct_n, loss_per_character, well_formed_rate  # noqa: E402
-from poemdpo.samples import rule_rate  # noqa: E402
+from poemdpo.evaluation.metrics import degenerate_rate, distinct_n, loss_per_character, well_formed_rate  # noqa: E402
+from poemdpo.models.generation import generate_poems  # noqa: E402
+from poemdpo.training.samples import rule_rate  # noqa: E402
 
 # The recipe the rows of docs/recipes.md were measured against: configs/dpo_tiny_cpu.yaml as it was before
 # they made it length-matched, beta 0.5, ld_alpha 0.5 ([sigmoid, sft] weights [1, 2], lr 3e-4, 4,000 pairs of

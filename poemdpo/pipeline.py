@@ -20,10 +20,10 @@ from pathlib import Path
 
 from transformers import HfArgumentParser
 
-from .corpus import DEFAULT_CORPUS
-from .pairs import DEFAULT_NEAR_MISS_SHARE, DEFAULT_PAIRING, STRATEGIES
-from .rules import RULES
-from .samples import rule_rate
+from poemdpo.data.corpus import DEFAULT_CORPUS
+from poemdpo.data.pairs import DEFAULT_NEAR_MISS_SHARE, DEFAULT_PAIRING, STRATEGIES
+from poemdpo.data.rules import RULES
+from poemdpo.training.samples import rule_rate
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -11,17 +11,17 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, pipeline
 
 import train_base
-from poemdpo.base_model import (
+from poemdpo.data.forms import is_well_formed
+from poemdpo.data.prompts import build_prompt
+from poemdpo.data.splits import is_test_title
+from poemdpo.models.base_model import (
     BaseModelArguments,
     PackedPoemsCollator,
     build_model,
     load_training_texts,
     packed_dataset,
 )
-from poemdpo.forms import is_well_formed
-from poemdpo.prompts import build_prompt
-from poemdpo.splits import is_test_title
-from poemdpo.tokenizer import train_char_tokenizer
+from poemdpo.models.tokenizer import train_char_tokenizer
 
 TINY = [
     "--hidden_size", "32", "--intermediate_size", "64", "--num_hidden_layers", "2", "--num_attention_heads", "4",

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from poemdpo.corpus import CorpusError, clean_line, read_corpus
+from poemdpo.data.corpus import CorpusError, clean_line, read_corpus
 
 
 def write(path, content):

@@ -7,12 +7,12 @@ import pytest
 
 import build_dataset
 from conftest import make_corpus_poems
-from poemdpo.corpus import DEFAULT_CORPUS, Poem, read_corpus
-from poemdpo.dataset import build_preference_dataset
-from poemdpo.forms import classify
-from poemdpo.pairs import build_pairs, near_miss
-from poemdpo.prompts import build_prompt
-from poemdpo.rules import RULES, preferred
+from poemdpo.data.corpus import DEFAULT_CORPUS, Poem, read_corpus
+from poemdpo.data.dataset import build_preference_dataset
+from poemdpo.data.forms import classify
+from poemdpo.data.pairs import build_pairs, near_miss
+from poemdpo.data.prompts import build_prompt
+from poemdpo.data.rules import RULES, preferred
 
 
 def poems(n=140, seed=0):

@@ -13,8 +13,8 @@ from trl import DPOConfig
 
 import build_dataset
 import evaluate
-from poemdpo.evaluation import EvalArguments, find_training_file, recorded_base_model, select_titles
-from poemdpo.prompts import build_prompt
+from poemdpo.data.prompts import build_prompt
+from poemdpo.evaluation.evaluate import EvalArguments, find_training_file, recorded_base_model, select_titles
 
 LOG_HISTORY = [
     {"step": 2, "loss": 0.69, "rewards/margins": 0.01, "rewards/accuracies": 0.5},

@@ -1,6 +1,6 @@
 import pytest
 
-from poemdpo.forms import classify, is_degenerate, is_strict_five, is_well_formed, split_lines
+from poemdpo.data.forms import classify, is_degenerate, is_strict_five, is_well_formed, split_lines
 
 JING_YE_SI = "床前明月光，疑是地上霜。\n舉頭望明月，低頭思故鄉。"
 HUANG_HE_LOU = (

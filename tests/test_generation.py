@@ -12,9 +12,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from conftest import make_corpus_poems
-from poemdpo.generation import decode_poem, generate_poems, prompt_texts
-from poemdpo.prompts import build_prompt
-from poemdpo.tokenizer import train_char_tokenizer
+from poemdpo.data.prompts import build_prompt
+from poemdpo.models.generation import decode_poem, generate_poems, prompt_texts
+from poemdpo.models.tokenizer import train_char_tokenizer
 
 TITLES = ["無題1", "秋夜長思故鄉", "月", "送君", "山中"]
 

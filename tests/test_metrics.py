@@ -9,7 +9,8 @@ import pytest
 import torch
 from test_generation import tiny_lm, tiny_tokenizer
 
-from poemdpo.metrics import (
+from poemdpo.data.prompts import build_prompt
+from poemdpo.evaluation.metrics import (
     completion_logprobs,
     degenerate_rate,
     distinct_n,
@@ -22,7 +23,6 @@ from poemdpo.metrics import (
     well_formed_rate,
     wilson_interval,
 )
-from poemdpo.prompts import build_prompt
 
 FIVE_JUEJU = "白日依山盡，黃河入海流。\n欲窮千里目，更上一層樓。"
 FIVE_LUSHI = "空山新雨後，天氣晚來秋。\n明月松間照，清泉石上流。\n竹喧歸浣女，蓮動下漁舟。\n隨意春芳歇，王孫自可留。"
@@ -153,9 +153,10 @@ def test_reward_stats_match_their_definition(tok, model):
         (completion_logprobs(other, tok, prompts, chosen) - completion_logprobs(model, tok, prompts, chosen))
         - (completion_logprobs(other, tok, prompts, rejected) - completion_logprobs(model, tok, prompts, rejected))
     )
-    assert stats["mean_margin"] == pytest.approx(margins.mean().item(), abs=1e-6)
+    # Sums over different batch shapes round differently on different CPUs: compare at float32 precision.
+    assert stats["mean_margin"] == pytest.approx(margins.mean().item(), rel=1e-4, abs=1e-5)
     assert stats["reward_accuracy"] == pytest.approx((margins > 0).double().mean().item())
     assert stats["mean_margin"] != 0.0
     # Swapping policy and reference flips every margin's sign.
     swapped = dpo_reward_stats(model, other, tok, ROWS, beta=0.5)
-    assert swapped["mean_margin"] == pytest.approx(-stats["mean_margin"], abs=1e-6)
+    assert swapped["mean_margin"] == pytest.approx(-stats["mean_margin"], rel=1e-4, abs=1e-5)

@@ -1,4 +1,4 @@
-"""On-policy pairs (poemdpo/on_policy.py, build_dataset.py --on_policy_model) from a tiny Llama built here.
+"""On-policy pairs (poemdpo/data/on_policy.py, build_dataset.py --on_policy_model) from a tiny Llama built here.
 
 A randomly initialised Llama writes characters with no line structure, so all its samples would be rejected
 under any rule. The test model is instead a small "poet" written into Llama weights: a Markov chain over
@@ -22,16 +22,16 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import build_dataset
 from conftest import make_corpus_poems
-from poemdpo.corpus import read_corpus
-from poemdpo.dataset import STATS_FILE, build_preference_dataset, split_poems
-from poemdpo.forms import classify, is_degenerate
-from poemdpo.generation import DEFAULT_MAX_NEW_TOKENS, generate_poems
-from poemdpo.on_policy import choose_titles, load_sampler, with_on_policy_train
-from poemdpo.pairs import DEFAULT_PAIRING
-from poemdpo.prompts import build_prompt
-from poemdpo.rules import preferred
-from poemdpo.splits import DEFAULT_SPLIT_SEED, is_test_title
-from poemdpo.tokenizer import train_char_tokenizer
+from poemdpo.data.corpus import read_corpus
+from poemdpo.data.dataset import STATS_FILE, build_preference_dataset, split_poems
+from poemdpo.data.forms import classify, is_degenerate
+from poemdpo.data.on_policy import choose_titles, load_sampler, with_on_policy_train
+from poemdpo.data.pairs import DEFAULT_PAIRING
+from poemdpo.data.prompts import build_prompt
+from poemdpo.data.rules import preferred
+from poemdpo.data.splits import DEFAULT_SPLIT_SEED, is_test_title
+from poemdpo.models.generation import DEFAULT_MAX_NEW_TOKENS, generate_poems
+from poemdpo.models.tokenizer import train_char_tokenizer
 
 # Position k of a 五言 / 七言 line is one of two characters, so lines vary (and sometimes repeat).
 FIVE = ["山水", "風月", "雲花", "春秋", "日夜"]

@@ -1,4 +1,4 @@
-"""poemdpo/speed.py: the compact LM head agrees with TRL's fused head; length columns feed group_by_length."""
+"""poemdpo/training/speed.py: the compact LM head agrees with TRL's fused head; length columns feed group_by_length."""
 
 from __future__ import annotations
 
@@ -12,8 +12,14 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 from trl import DPOConfig, DPOTrainer
 from trl.trainer.utils import add_fused_lm_head
 
-from poemdpo.speed import LENGTH_COLUMN, add_compact_lm_head, supports_compact_head, use_compact_lm_head, with_lengths
-from poemdpo.tokenizer import train_char_tokenizer
+from poemdpo.models.tokenizer import train_char_tokenizer
+from poemdpo.training.speed import (
+    LENGTH_COLUMN,
+    add_compact_lm_head,
+    supports_compact_head,
+    use_compact_lm_head,
+    with_lengths,
+)
 
 OUTPUTS = ("log_probs", "entropy", "mean_logits", "is_top1", "log_sum_sq_probs")
 PAIRS = {

@@ -3,9 +3,9 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
 
-from poemdpo.corpus import DEFAULT_CORPUS, read_corpus
-from poemdpo.prompts import SPECIAL_TOKENS, build_prompt
-from poemdpo.tokenizer import train_char_tokenizer
+from poemdpo.data.corpus import DEFAULT_CORPUS, read_corpus
+from poemdpo.data.prompts import SPECIAL_TOKENS, build_prompt
+from poemdpo.models.tokenizer import train_char_tokenizer
 
 POEMS = [
     ("帝京篇十首 一", "秦川雄帝宅，函谷壯皇居。\n綺殿千尋起，離宮百雉餘。"),

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaC
 
 import build_dataset
 import train_dpo
-from poemdpo.tokenizer import train_char_tokenizer
+from poemdpo.models.tokenizer import train_char_tokenizer
 
 TINY = {
     "llama": lambda v: LlamaConfig(vocab_size=v, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -220,7 +220,7 @@ def test_recipes_state_their_settings_and_parse(recipe):
     import yaml
     from trl import DPOConfig, ModelConfig, TrlParser
 
-    from poemdpo.dpo import DPOScriptArguments
+    from poemdpo.training.dpo import DPOScriptArguments
 
     settings = yaml.safe_load(open(f"configs/{recipe}", encoding="utf-8"))
     deliberate = {"learning_rate", "beta", "loss_type", "activation_checkpointing", "bf16", "dtype", "max_length",

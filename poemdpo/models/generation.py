@@ -1,0 +1,146 @@
+"""Sample poems from a causal LM for a list of titles: batched, left-padded, seeded."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel
+
+from poemdpo.data.prompts import build_prompt, conversational
+
+# Used when neither the caller nor the model's generation config says how long a poem may be.
+DEFAULT_MAX_NEW_TOKENS = 128
+# How an unknown token reads in a sampled poem: the mark texts use for a missing character. Skipped like the
+# other special tokens, a line of five tokens with one rare character would count as a four-character line.
+UNKNOWN_CHARACTER = "□"
+
+
+def decode_poem(tokenizer, ids: Sequence[int]) -> str:
+    """`ids` as text without special tokens, each unknown token written as UNKNOWN_CHARACTER."""
+    unk = tokenizer.unk_token_id
+    pieces, start = [], 0
+    for i, token in enumerate(ids):
+        if token == unk:
+            pieces.append(tokenizer.decode(ids[start:i], skip_special_tokens=True))
+            start = i + 1
+    pieces.append(tokenizer.decode(ids[start:], skip_special_tokens=True))
+    return UNKNOWN_CHARACTER.join(pieces)
+
+
+def prompt_texts(tokenizer, titles: Sequence[str]) -> list[str]:
+    """The prompt for each title: the chat template when the tokenizer has one, else the seed's format."""
+    if getattr(tokenizer, "chat_template", None):
+        return [
+            tokenizer.apply_chat_template(conversational(t), add_generation_prompt=True, tokenize=False)
+            for t in titles
+        ]
+    return [build_prompt(t) for t in titles]
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    """Every id that ends a poem: the tokenizer's eos plus whatever the generation config lists."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if isinstance(config_eos, int):
+        ids.add(config_eos)
+    elif config_eos:
+        ids.update(config_eos)
+    return ids
+
+
+@torch.no_grad()
+def generate_poems(
+    model,
+    tokenizer,
+    titles: Sequence[str],
+    *,
+    temperature: float = 1.0,
+    max_new_tokens: int | None = None,
+    batch_size: int = 64,
+    seed: int = 0,
+    do_sample: bool = True,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    progress: bool = False,
+) -> list[str]:
+    """One completion per title, in order: the decoded text after the prompt, cut at eos, specials stripped
+    (unknown tokens read as UNKNOWN_CHARACTER).
+
+    Sampling is plain ancestral sampling at `temperature` by default (`top_k=0`, `top_p=1.0`):
+    transformers would otherwise apply its own default top_k=50, and the evaluation should measure
+    the model's distribution, not a truncated one. The same seed, titles and batch size give the same
+    poems; the global torch RNG is left untouched. The model is put in eval mode (no dropout) and
+    restored afterwards; the tokenizer's padding side is restored too.
+
+    A poem gets at most `max_new_tokens` tokens (default: the model's generation config, else 128), fewer
+    where prompt plus poem would pass the model's context (`max_position_embeddings`): positions past it
+    were never trained. Prompts are batched with others of their length, so one long title shortens only
+    the poems batched with it, not every poem.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if not titles:
+        return []
+    max_new_tokens = default_max_new_tokens(model, max_new_tokens)
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    texts = prompt_texts(tokenizer, titles)
+    # A chat template already writes bos when the model wants one; adding specials would double it.
+    add_special_tokens = not getattr(tokenizer, "chat_template", None)
+    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]]
+    order = sorted(range(len(texts)), key=lengths.__getitem__)
+    # Checked before sampling anything, so a bad title costs no generation time.
+    if context is not None and lengths[order[-1]] >= context:
+        raise ValueError(
+            f"the prompt for title {titles[order[-1]]!r} takes {lengths[order[-1]]} tokens, leaving no room for "
+            f"a poem in the model's context (max_position_embeddings={context})"
+        )
+    eos_ids = _eos_ids(model, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = next(model.parameters()).device
+    sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p} if do_sample else {}
+
+    was_training, padding_side = model.training, tokenizer.padding_side
+    model.eval()
+    # Decoder-only models continue from the last position, so all prompts must end at the same column.
+    tokenizer.padding_side = "left"
+    poems: list[str] = [""] * len(texts)
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            starts = range(0, len(texts), batch_size)
+            for start in tqdm(starts, desc="generating", unit="batch", disable=not progress):
+                rows = order[start : start + batch_size]
+                batch = tokenizer(
+                    [texts[i] for i in rows],
+                    return_tensors="pt",
+                    padding=True,
+                    add_special_tokens=add_special_tokens,
+                ).to(device)
+                room = max_new_tokens
+                if context is not None:
+                    room = min(room, context - batch["input_ids"].shape[1])
+                output = model.generate(
+                    input_ids=batch["input_ids"],
+                    attention_mask=batch["attention_mask"],
+                    do_sample=do_sample,
+                    max_new_tokens=room,
+                    pad_token_id=pad_id,
+                    eos_token_id=sorted(eos_ids) or None,
+                    **sampling,
+                )
+                for i, row in zip(rows, output[:, batch["input_ids"].shape[1] :].tolist(), strict=True):
+                    # generate pads a finished row with pad (often = eos); cut at the first eos explicitly.
+                    cut = next((j for j, t in enumerate(row) if t in eos_ids), len(row))
+                    poems[i] = decode_poem(tokenizer, row[:cut])
+    finally:
+        tokenizer.padding_side = padding_side
+        model.train(was_training)
+    return poems
+
+
+def default_max_new_tokens(model: PreTrainedModel, wanted: int | None = None) -> int:
+    """`wanted`, else the model's generation default, else 128: the most tokens generate_poems gives a poem."""
+    config = getattr(model, "generation_config", None)
+    return wanted or getattr(config, "max_new_tokens", None) or DEFAULT_MAX_NEW_TOKENS

@@ -1,0 +1,251 @@
+"""DPO set-up around TRL's `DPOTrainer`: arguments, checks that TRL leaves as warnings, data and models."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import yaml
+from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from trl import DPOConfig, ModelConfig
+from trl.data_utils import _tokenize, common_prefix_length
+
+from poemdpo.data.dataset import STATS_FILE
+from poemdpo.data.prompts import conversational
+from poemdpo.data.rules import RULES
+
+DEFAULT_BASE_MODEL = "data/base_model"
+DEFAULT_DATASET = "data/pairs_five_char"
+REQUIRED_COLUMNS = ("prompt", "chosen", "rejected")
+
+# Keys that older TRL releases (or other tutorials) take and TRL 1.x no longer does: say what to do instead.
+REMOVED_KEYS = {
+    "max_prompt_length": "TRL 1.x truncates prompt+completion together: set max_length only",
+    "max_completion_length": "TRL 1.x truncates prompt+completion together: set max_length only",
+    "rpo_alpha": "use loss_type: [sigmoid, sft] with loss_weights: [1.0, <alpha>]",
+    "generate_during_eval": "poem-dpo's sample callback writes poems during training: see sample_titles",
+    "warmup_ratio": "TrainingArguments in transformers 5 takes warmup_steps only",
+    "reference_free": "no longer supported by TRL's DPOTrainer",
+    "force_use_ref_model": "the reference model is always used; pass use_peft: false for a separate copy",
+}
+
+
+class ConfigError(ValueError):
+    """A recipe or command line that would run, but not as written."""
+
+
+@dataclass
+class DPOScriptArguments:
+    dataset_name: str = field(
+        default=DEFAULT_DATASET,
+        metadata={"help": "A DatasetDict saved by build_dataset.py (a directory), or a Hub dataset name."},
+    )
+    dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
+    dataset_test_split: str = field(
+        default="test", metadata={"help": "Split to evaluate on and to take held-out sample titles from."}
+    )
+    max_train_pairs: int | None = field(
+        default=None, metadata={"help": "Train on the first N pairs of the (shuffled) train split; all if unset."}
+    )
+    max_eval_pairs: int | None = field(default=256, metadata={"help": "Evaluate on the first N test pairs."})
+    rule: str | None = field(
+        default=None,
+        metadata={"help": "The preference rule, for the sample metric (default: read from the dataset's stats.json, "
+                  "else five_char).", "choices": sorted(RULES)},
+    )
+    sample_titles: int = field(
+        default=32, metadata={"help": "Held-out titles to write poems for while training (0: none)."}
+    )
+    sample_table_rows: int = field(
+        default=6, metadata={"help": "How many of those poems to print side by side with the reference's."}
+    )
+    sample_every_steps: int | None = field(
+        default=None, metadata={"help": "Write sample poems every N steps (default: eval_steps), and at the end."}
+    )
+    sample_max_new_tokens: int | None = field(
+        default=None,
+        metadata={"help": "Length limit of a sample poem, in tokens. Default: the model's "
+                  "generation_config.max_new_tokens (else 128), fewer where a poem would pass its context "
+                  "(as evaluate.py)."},
+    )
+    prompt_format: str = field(
+        default="auto",
+        metadata={"help": "instruction: the seed's <INS>..<RES> prompts; chat: conversational rows through the "
+                  "tokenizer's chat template; auto: chat when the tokenizer has a template.",
+                  "choices": ["auto", "instruction", "chat"]},
+    )
+    boundary_check_rows: int = field(
+        default=256, metadata={"help": "Rows checked for prompt/completion token boundaries before training."}
+    )
+
+
+def check_removed_keys(argv: list[str]) -> None:
+    """Refuse keys TRL 1.x dropped, in the recipe or on the command line, with what to use instead."""
+    keys = {arg[2:].split("=", 1)[0].replace("-", "_") for arg in argv if arg.startswith("--")}
+    if "--config" in argv:
+        config_path = argv[argv.index("--config") + 1]
+        if not os.path.isfile(config_path):
+            raise ConfigError(f"recipe {config_path!r} does not exist")
+        with open(config_path, encoding="utf-8") as f:
+            config = yaml.safe_load(f) or {}
+        if not isinstance(config, dict):
+            raise ConfigError(f"recipe {config_path!r} must be a YAML mapping of argument names to values")
+        keys |= set(config)
+    known = {f.name for f in fields(DPOConfig)}
+    for key in sorted(keys):
+        if key in REMOVED_KEYS and key not in known:
+            raise ConfigError(f"{key!r} is not a DPO setting in TRL 1.x: {REMOVED_KEYS[key]}")
+
+
+def check_settings(args: DPOConfig, script_args: DPOScriptArguments) -> None:
+    """Settings TRL accepts but ignores, or that cannot work together."""
+    if args.padding_free:
+        raise ConfigError(
+            "padding_free: true is ignored by TRL 1.x's DPOTrainer (it falls back to padding); remove it"
+        )
+    if script_args.sample_titles < 0 or script_args.sample_table_rows < 0:
+        raise ConfigError("sample_titles and sample_table_rows must be >= 0")
+
+
+def load_pairs(script_args: DPOScriptArguments) -> tuple[DatasetDict, dict]:
+    """The preference DatasetDict and its build statistics (empty for a Hub dataset)."""
+    name = script_args.dataset_name
+    if os.path.isdir(name):
+        try:
+            dataset = load_from_disk(name)
+        except FileNotFoundError as e:
+            raise ConfigError(f"dataset directory {name!r} holds no saved dataset ({e})") from None
+        stats_path = Path(name) / STATS_FILE
+        stats = json.loads(stats_path.read_text(encoding="utf-8")) if stats_path.is_file() else {}
+    elif name.count("/") != 1 or name.startswith((".", "/", "data/")):  # a local path, not a Hub id
+        raise ConfigError(
+            f"dataset {name!r} does not exist; build it with: python build_dataset.py --output_dir {name}"
+        )
+    else:
+        try:
+            dataset, stats = load_dataset(name), {}
+        except Exception as e:  # offline, unknown repo, no access: many exception classes
+            raise ConfigError(f"could not load dataset {name!r} from the Hub: {type(e).__name__}: {e}") from None
+    if not isinstance(dataset, DatasetDict):
+        raise ConfigError(f"dataset {name!r} is a single split; expected a DatasetDict with train and test splits")
+    for split in (script_args.dataset_train_split, script_args.dataset_test_split):
+        if split not in dataset:
+            raise ConfigError(f"dataset {name!r} has no split {split!r}; it has {sorted(dataset)}")
+        missing = [c for c in REQUIRED_COLUMNS if c not in dataset[split].column_names]
+        if missing:
+            raise ConfigError(
+                f"dataset {name!r} split {split!r} lacks column(s) {missing}; it has {dataset[split].column_names}"
+            )
+    return dataset, stats
+
+
+def select_pairs(dataset: Dataset, n: int | None, seed: int) -> Dataset:
+    if n is None or n >= len(dataset):
+        return dataset
+    return dataset.shuffle(seed=seed).select(range(n))
+
+
+def check_model_path(path: str | None) -> str:
+    """A clear message for a missing local model, the embedded default above all."""
+    if not path:
+        raise ConfigError("model_name_or_path is not set (in the recipe or with --model_name_or_path)")
+    if path == DEFAULT_BASE_MODEL and not os.path.isdir(path):
+        raise ConfigError(
+            f"the embedded base model {path!r} does not exist yet; train it with: python train_base.py "
+            "(about 15 minutes on 2 CPU cores)"
+        )
+    if path.startswith(("data/", ".", "/")) and not os.path.isdir(path):
+        raise ConfigError(f"model directory {path!r} does not exist")
+    return path
+
+
+def load_tokenizer(model_args: ModelConfig) -> PreTrainedTokenizerBase:
+    path = check_model_path(model_args.model_name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, revision=model_args.model_revision)
+    except OSError as e:  # a Hub name while offline, or a directory without tokenizer files
+        raise ConfigError(f"could not load a tokenizer from {path!r}: {e}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_policy(model_args: ModelConfig):
+    """The policy, from a local directory or a Hub name."""
+    path = check_model_path(model_args.model_name_or_path)
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            path, revision=model_args.model_revision, dtype=model_args.dtype or "auto",
+            attn_implementation=model_args.attn_implementation,
+        )
+    except OSError as e:
+        raise ConfigError(f"could not load a causal LM from {path!r}: {e}") from None
+
+
+def load_frozen_reference(model_args: ModelConfig):
+    """An explicit frozen copy of the starting model, loaded from the same weights."""
+    reference = load_policy(model_args)
+    reference.requires_grad_(False)
+    return reference.eval()
+
+
+def use_chat_format(tokenizer: PreTrainedTokenizerBase, prompt_format: str) -> bool:
+    if prompt_format == "chat" and not tokenizer.chat_template:
+        raise ConfigError("prompt_format: chat needs a tokenizer with a chat template, and this one has none")
+    return prompt_format == "chat" or (prompt_format == "auto" and bool(tokenizer.chat_template))
+
+
+def to_conversational(dataset: Dataset) -> Dataset:
+    """The same pairs as chat turns, for base models with a chat template."""
+    if "title" not in dataset.column_names:
+        raise ConfigError("a chat-format run builds prompts from the 'title' column, which this dataset lacks")
+
+    def convert(row: dict) -> dict:
+        return {
+            "prompt": conversational(row["title"]),
+            "chosen": [{"role": "assistant", "content": row["chosen"]}],
+            "rejected": [{"role": "assistant", "content": row["rejected"]}],
+        }
+
+    return dataset.map(convert, desc="chat format")
+
+
+def check_tokenizer_covers(tokenizer: PreTrainedTokenizerBase, dataset: Dataset, rows: int = 64) -> None:
+    """Stop when the tokenizer loses the text (the transformers 5 trap: a byte-level class for a char vocab)."""
+    sample = dataset.select(range(min(rows, len(dataset))))
+    for row in sample:
+        if not isinstance(row["prompt"], str):
+            return  # conversational rows are the chat template's business
+        text = row["prompt"] + row["chosen"]
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        unknown = sum(i == tokenizer.unk_token_id for i in ids) if tokenizer.unk_token_id is not None else 0
+        if len(ids) < 0.2 * len(row["chosen"]) or unknown > 0.5 * len(ids):
+            raise ConfigError(
+                f"the tokenizer ({type(tokenizer).__name__}) turns {text[:40]!r}... into {len(ids)} ids, "
+                f"{unknown} of them unknown: it does not cover this text. If the model directory has a custom "
+                "tokenizer, check that AutoTokenizer loads it as the class it was saved with."
+            )
+
+
+def check_token_boundaries(tokenizer: PreTrainedTokenizerBase, dataset: Dataset, rows: int) -> None:
+    """TRL only warns when the tokenized prompt is not a prefix of prompt+completion; we stop, naming the row."""
+    for index, row in enumerate(dataset.select(range(min(rows, len(dataset))))):
+        kwargs = {"add_generation_prompt": True} if isinstance(row["prompt"], list) else {}
+        prompt_ids = _tokenize(tokenizer, row["prompt"], **kwargs)["input_ids"]
+        for column in ("chosen", "rejected"):
+            full_ids = _tokenize(tokenizer, row["prompt"] + row[column])["input_ids"]
+            if common_prefix_length(prompt_ids, full_ids) < len(prompt_ids):
+                raise ConfigError(
+                    f"row {index}: the tokenized prompt is not a prefix of the tokenized prompt+{column} "
+                    f"(prompt ends {tokenizer.decode(prompt_ids[-8:])!r}, prompt+{column} has "
+                    f"{tokenizer.decode(full_ids[len(prompt_ids) - 8 : len(prompt_ids)])!r} there). The model would "
+                    "train on a context it never sees when writing: usually a chat template that renders the prompt "
+                    "differently alone, a tokenizer that adds eos/bos, or tokens merging across the boundary."
+                )
+
+
+def preference_rule(script_args: DPOScriptArguments, stats: dict) -> str:
+    return script_args.rule or stats.get("rule") or "five_char"
