@@ -30,7 +30,7 @@ from poemdpo.data.rules import RULES, preferred
 from poemdpo.errors import PoemDPOError
 from poemdpo.evaluation.metrics import wilson_interval
 from poemdpo.models.generation import generate_poems
-from poemdpo.models.loading import load_for_inference
+from poemdpo.models.loading import load_for_inference, looks_local
 
 DEFAULT_MODEL = "data/dpo_five_char"
 DEFAULT_REFERENCE = "data/base_model"
@@ -131,25 +131,17 @@ def make_command(path: str, role: str) -> str:
     return f"python train_dpo.py --config configs/dpo_tiny_cpu.yaml --output_dir {path}"
 
 
-def _looks_local(path: str) -> bool:
-    """A path meant as a directory here (rather than a Hub `owner/name` id): it exists, is spelt as a path,
-    or its parent directory exists (data/dpo_five_char before the pipeline has run)."""
-    p = Path(path).expanduser()
-    return (p.exists() or path.startswith((".", "/", "~")) or path.count("/") != 1
-            or (p.parent != Path(".") and p.parent.is_dir()))
-
-
 def check_model_path(path: str, role: str) -> None:
     """Stop with one sentence naming a missing model directory and the command that makes it."""
-    if not _looks_local(path):
+    if not looks_local(path):
         return  # a Hub id: from_pretrained says whether it can be had
     directory = Path(path).expanduser()
     if not directory.is_dir():
         raise PoemDPOError(f"the {role} model directory {path!r} does not exist; make it with: "
-                       f"{make_command(path, role)}")
+                           f"{make_command(path, role)}")
     if not any((directory / f).is_file() for f in ("config.json", "adapter_config.json")):
         raise PoemDPOError(f"the {role} model directory {path!r} holds no config.json or adapter_config.json; "
-                       f"make it with: {make_command(path, role)}")
+                           f"make it with: {make_command(path, role)}")
 
 
 def load_model(path: str, role: str = "aligned", device: str = "auto") -> LoadedModel:
@@ -441,8 +433,11 @@ def build_app(aligned: LoadedModel, reference: LoadedModel, *, test_titles: Sequ
                 aligned_out = gr.HTML(elem_id="aligned-poems")
                 reference_out = gr.HTML(elem_id="reference-poems")
             inputs = [title, seed, temperature, num_poems, rule_box]
-            write.click(on_write, inputs, [aligned_out, reference_out], api_name="write")
-            title.submit(on_write, inputs, [aligned_out, reference_out], api_name=False)
+            # One generation at a time across all events: generate_poems flips the shared models' and
+            # tokenizers' state (eval mode, padding side) while it runs.
+            one_at_a_time = {"concurrency_limit": 1, "concurrency_id": "models"}
+            write.click(on_write, inputs, [aligned_out, reference_out], api_name="write", **one_at_a_time)
+            title.submit(on_write, inputs, [aligned_out, reference_out], api_name=False, **one_at_a_time)
 
         with gr.Tab("Held-out titles"):
             gr.Markdown(f"{len(test_titles)} held-out titles, from {titles_source or 'the caller'}: N of them "
@@ -458,7 +453,8 @@ def build_app(aligned: LoadedModel, reference: LoadedModel, *, test_titles: Sequ
             table = gr.Dataframe(headers=["title", "aligned", "form", "✓", "reference", "form", "✓"],
                                  datatype="str", wrap=True, interactive=False,
                                  column_widths=["14%", "30%", "8%", "4%", "30%", "10%", "4%"])
-            compare.click(on_compare, [n_titles, seed2, temperature2, rule2], [rates, table], api_name="compare")
+            compare.click(on_compare, [n_titles, seed2, temperature2, rule2], [rates, table], api_name="compare",
+                          **one_at_a_time)
 
         with gr.Tab("Report"):
             before, images, after = read_report(report_model or aligned.name)

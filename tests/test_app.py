@@ -66,11 +66,8 @@ def test_missing_directories_name_the_command_that_makes_them(tmp_path, capsys):
     assert "make it with:" in str(exit_info.value)
 
 
-def test_hub_ids_are_not_taken_for_missing_directories():
-    assert not app._looks_local("Qwen/Qwen2.5-0.5B-Instruct")
-    assert app._looks_local("data/dpo_five_char")  # data/ exists: a directory not made yet
-    assert app._looks_local("./model") and app._looks_local("/abs/model") and app._looks_local("a/b/c")
-    app.check_model_path("Qwen/Qwen2.5-0.5B-Instruct", "reference")  # left to from_pretrained
+def test_hub_ids_are_left_to_the_loader():
+    app.check_model_path("Qwen/Qwen2.5-0.5B-Instruct", "reference")  # from_pretrained says if it can be had
 
 
 def test_defaults_are_the_pipelines_outputs_and_localhost():
@@ -230,3 +227,15 @@ def test_served_page_loads_nothing_from_the_internet(served):
     # Every script and stylesheet the page links is served by the app itself.
     linked = re.findall(r'<(?:script|link)[^>]*(?:src|href)="([^"]+)"', page)
     assert linked and all(not re.match(r"https?://", u) or u.startswith(served.rstrip("/")) for u in linked)
+
+
+def test_a_chat_model_writes_through_its_chat_template(tmp_path, monkeypatch):
+    tiny_models = pytest.importorskip("tiny_models")  # the Hub-family stand-ins (tests/tiny_models.py)
+    chat = app.load_model(tiny_models.make_tiny_model(tmp_path / "qwen2", "qwen2"), "aligned", "cpu")
+    assert chat.tokenizer.chat_template
+    seen = []
+    real = chat.tokenizer.apply_chat_template
+    monkeypatch.setattr(chat.tokenizer, "apply_chat_template", lambda *a, **k: seen.append(a) or real(*a, **k))
+    result = app.write_poems(chat, chat, "春夜喜雨", num_poems=2, max_new_tokens=12)
+    assert seen and "春夜喜雨" in seen[0][0][-1]["content"]
+    assert len(result["aligned"]) == 2 and result["aligned"] == result["reference"]
