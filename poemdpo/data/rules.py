@@ -1,26 +1,81 @@
-"""Preference rules: which poems are chosen, which are rejected."""
+"""Preference rules: which poems are chosen, and which poems they are paired against."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from functools import lru_cache
 
+from poemdpo.data import prosody
 from poemdpo.data.forms import Form, classify
+
+
+@dataclass(frozen=True)
+class Rule:
+    """`prefers` picks the chosen poems, `rejects` the poems they may be paired against.
+
+    The form rules reject every poem they do not prefer. The prosody rules reject only poems of the chosen shapes
+    (五言/七言, 4/8 lines) that surely fail, and pair within one shape (`same_shape`): a pair then differs in rhyme
+    or 格律, not in meter or length, which DPO would otherwise learn instead. `near_miss` names the near miss
+    `pairs.build_pairs` makes: "line" (a line a character off) or "rhyme" (a rhyme character swapped).
+    """
+
+    prefers: Callable[[str], bool]
+    rejects: Callable[[str], bool]
+    same_shape: bool = False
+    near_miss: str = "line"
 
 
 def _regular(form: Form) -> bool:
     return form.meter in ("五言", "七言")
 
 
-# Each rule says whether a poem is preferred; every other poem is a rejected candidate.
-RULES: dict[str, Callable[[Form], bool]] = {
-    "five_char": lambda f: f.meter == "五言",
-    "seven_char": lambda f: f.meter == "七言",
-    "jueju": lambda f: _regular(f) and f.shape == "绝句",
-    "lushi": lambda f: _regular(f) and f.shape == "律诗",
+def _form_rule(ok: Callable[[Form], bool]) -> Rule:
+    return Rule(prefers=lambda text: ok(classify(text)), rejects=lambda text: not ok(classify(text)))
+
+
+@lru_cache(maxsize=1 << 16)
+def prosody_report(text: str) -> prosody.ProsodyReport:
+    """`prosody.check`, cached: a rule asks twice per poem (prefers, rejects)."""
+    return prosody.check(text)
+
+
+def _prosody_rule(passes: Callable[[prosody.ProsodyReport], bool]) -> Rule:
+    def prefers(text: str) -> bool:
+        r = prosody_report(text)
+        return r.applicable and passes(r)
+
+    def rejects(text: str) -> bool:
+        # Only a failure the table vouches for: with an unknown character the poem might pass after all.
+        r = prosody_report(text)
+        return r.applicable and not passes(r) and r.unknown == 0
+
+    return Rule(prefers, rejects, same_shape=True, near_miss="rhyme")
+
+
+RULES: dict[str, Rule] = {
+    "five_char": _form_rule(lambda f: f.meter == "五言"),
+    "seven_char": _form_rule(lambda f: f.meter == "七言"),
+    "jueju": _form_rule(lambda f: _regular(f) and f.shape == "绝句"),
+    "lushi": _form_rule(lambda f: _regular(f) and f.shape == "律诗"),
+    # 押韵 by the 平水韵: even lines end on 平, in one group (prosody.check).
+    "rhyme": _prosody_rule(lambda r: r.rhyme),
+    # 合律: every prosody check passes (押韵, 二四分明, 对, 粘, no 孤平, no 三平尾, one of the four patterns).
+    "gelv": _prosody_rule(lambda r: r.helv),
 }
 
 
-def preferred(text: str, rule: str) -> bool:
+def _rule(rule: str) -> Rule:
     if rule not in RULES:
         raise ValueError(f"unknown rule {rule!r}; choose one of {sorted(RULES)}")
-    return RULES[rule](classify(text))
+    return RULES[rule]
+
+
+def preferred(text: str, rule: str) -> bool:
+    """Whether `rule` prefers the poem; a poem outside the rule's shapes never is (a 杂言 poem does not rhyme)."""
+    return _rule(rule).prefers(text)
+
+
+def rejected(text: str, rule: str) -> bool:
+    """Whether the poem may be the rejected side of a pair under `rule` (for the form rules: not preferred)."""
+    return _rule(rule).rejects(text)
