@@ -1,0 +1,422 @@
+"""RL on the model's own poems: TRL's `GRPOTrainer` or `RLOOTrainer`, rewarded by the rule or a reward model.
+
+The chapter's RLHF road ends in PPO. TRL 1.x removed `PPOTrainer`; what it keeps are two algorithms that drop
+PPO's value model and take the baseline from the samples themselves: for each title the policy writes K poems,
+GRPO scales each reward against its group's mean and spread, RLOO subtracts the mean of the other K−1. Both
+are held near a frozen copy of the starting model, here with β > 0 (TRL's GRPO default is β = 0, which loads
+no reference at all): GRPO adds β·KL per token to its loss, RLOO takes β·KL summed over the poem off the reward.
+
+The reward is either the rule itself, a verifiable reward (`rule_reward`), or a reward model trained by
+`train_reward.py` (`RewardModelReward`), the chapter's learned judge.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from datasets import Dataset
+from transformers import PreTrainedTokenizerBase
+from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
+
+from poemdpo.data.forms import classify
+from poemdpo.data.prompts import build_prompt, conversational, title_of
+from poemdpo.data.rules import RULES, preferred
+from poemdpo.data.splits import SplitSpec, check_same_splits
+from poemdpo.errors import PoemDPOError
+from poemdpo.models import loading
+from poemdpo.models.generation import decode_poem, default_max_new_tokens
+from poemdpo.run_info import read_run_info, recorded_splits
+from poemdpo.training.dpo import DEFAULT_DATASET
+from poemdpo.training.reward import load_reward_model, score
+
+METHODS = {"grpo": (GRPOConfig, GRPOTrainer), "rloo": (RLOOConfig, RLOOTrainer)}
+RECIPES = {"grpo": "configs/grpo_tiny_cpu.yaml", "rloo": "configs/rloo_tiny_cpu.yaml"}
+
+# The line lengths a rule asks for, for the partial credit. A rule missing here is graded 1 or 0 only.
+PREFERRED_LINE_LENGTHS: dict[str, tuple[int, ...]] = {
+    "five_char": (5,), "seven_char": (7,), "jueju": (5, 7), "lushi": (5, 7),
+}
+
+
+@dataclass
+class RLScriptArguments:
+    method: str = field(
+        default="grpo",
+        metadata={"help": "grpo (TRL's GRPOTrainer) or rloo (RLOOTrainer); TRL 1.x has no PPOTrainer. Picks the "
+                  "config class too: `--method rloo --help` lists RLOO's settings.", "choices": sorted(METHODS)},
+    )
+    reward_model: str | None = field(
+        default=None,
+        metadata={"help": "A reward model directory written by train_reward.py; unset: the rule itself is the "
+                  "reward (rule_reward)."},
+    )
+    rule: str | None = field(
+        default=None,
+        metadata={"help": "The rule rewarded (without --reward_model) and counted in the sample poems (default: the "
+                  "dataset's stats.json, else five_char).", "choices": sorted(RULES)},
+    )
+    dataset_name: str = field(
+        default=DEFAULT_DATASET,
+        metadata={"help": "Preference pairs written by build_dataset.py: the titles of its train split are the "
+                  "prompts (the pairs themselves are not used)."},
+    )
+    dataset_train_split: str = field(default="train", metadata={"help": "Split whose titles are the prompts."})
+    dataset_test_split: str = field(
+        default="validation",
+        metadata={"help": "Held-out split the sample poems' titles come from (evaluate.py reports on test)."},
+    )
+    max_train_titles: int | None = field(
+        default=None, metadata={"help": "Use N of the train titles (shuffled by seed); all if unset."}
+    )
+    max_prompt_tokens: int = field(
+        default=64,
+        metadata={"help": "Leave out train titles whose prompt is longer (18 of 23,242 in the corpus): all poems of a "
+                  "step share one length limit, the context minus the longest prompt."},
+    )
+    sample_titles: int = field(
+        default=32,
+        metadata={"help": "Titles to write poems for while training (0: none): the chapter's 春夜喜雨 first, then "
+                  "held-out titles."},
+    )
+    sample_table_rows: int = field(
+        default=6, metadata={"help": "How many of those poems to print side by side with the reference's."}
+    )
+    sample_every_steps: int = field(default=50, metadata={"help": "Write sample poems every N steps, and at the end."})
+    sample_max_new_tokens: int | None = field(
+        default=None,
+        metadata={"help": "Length limit of a sample poem, in tokens (default: as evaluate.py, the model's "
+                  "generation_config.max_new_tokens within its context)."},
+    )
+    prompt_format: str = field(
+        default="auto",
+        metadata={"help": "instruction: the seed's <INS>..<RES> prompts; chat: conversational prompts through the "
+                  "tokenizer's chat template; auto: chat when the tokenizer has a template.",
+                  "choices": ["auto", "instruction", "chat"]},
+    )
+    reward_batch_size: int = field(default=64, metadata={"help": "Poems per forward pass of the reward model."})
+
+
+def method_of(argv: Sequence[str], recipe: dict) -> str:
+    """The method named on the command line, else in the recipe, else grpo: it decides the config class, so it is
+    read before the full parse."""
+    method = recipe.get("method", "grpo")
+    for i, arg in enumerate(argv):
+        if arg == "--method" and i + 1 < len(argv):
+            method = argv[i + 1]
+        elif arg.startswith("--method="):
+            method = arg.split("=", 1)[1]
+    if method not in METHODS:
+        hint = " (TRL 1.x removed PPOTrainer; GRPO and RLOO are its successors)" if method == "ppo" else ""
+        raise PoemDPOError(f"unknown method {method!r}: choose one of {sorted(METHODS)}{hint}")
+    return method
+
+
+def check_settings(args: GRPOConfig | RLOOConfig, script_args: RLScriptArguments) -> None:
+    if args.beta < 0:
+        raise PoemDPOError(f"beta must be >= 0 (the weight of the KL penalty to the reference), got {args.beta}")
+    if args.use_vllm:
+        raise PoemDPOError("use_vllm: true needs a GPU and vLLM; poem-dpo's RL recipes sample with transformers")
+    for name in ("sample_titles", "sample_table_rows"):
+        if getattr(script_args, name) < 0:
+            raise PoemDPOError(f"{name} must be >= 0")
+    for name in ("sample_every_steps", "reward_batch_size", "max_prompt_tokens"):
+        if getattr(script_args, name) < 1:
+            raise PoemDPOError(f"{name} must be at least 1")
+    if script_args.max_train_titles is not None and script_args.max_train_titles < 1:
+        raise PoemDPOError("max_train_titles must be at least 1 (or unset for all)")
+
+
+def train_titles(pairs: Dataset, n: int | None, seed: int) -> list[str]:
+    """Distinct titles of the split (from `title`, else from the prompts), in a seeded shuffle, `n` of them."""
+    if "title" in pairs.column_names:
+        found = pairs["title"]
+    else:
+        found = [t for t in (title_of(p) for p in pairs["prompt"]) if t]
+    titles = sorted(set(found))
+    if not titles:
+        raise PoemDPOError("the train split holds no titles (no `title` column and no prompt in the seed's format)")
+    order = Dataset.from_dict({"title": titles}).shuffle(seed=seed)["title"]
+    return order[:n] if n else order
+
+
+def prompt_dataset(titles: Sequence[str], chat: bool) -> Dataset:
+    return Dataset.from_dict({
+        "prompt": [conversational(t) if chat else build_prompt(t) for t in titles],
+        "title": list(titles),
+    })
+
+
+def prompt_lengths(tokenizer: PreTrainedTokenizerBase, titles: Sequence[str], chat: bool) -> list[int]:
+    """Tokens of each title's prompt, tokenized as TRL tokenizes prompts (chat turns through the template)."""
+    if chat:
+        return [len(tokenizer.apply_chat_template(conversational(t), add_generation_prompt=True, tokenize=True,
+                                                  return_dict=True)["input_ids"]) for t in titles]
+    return [len(ids) for ids in tokenizer([build_prompt(t) for t in titles])["input_ids"]]
+
+
+def short_prompts(tokenizer: PreTrainedTokenizerBase, titles: Sequence[str], max_tokens: int,
+                  chat: bool = False) -> tuple[list[str], int]:
+    """The titles whose prompt takes at most `max_tokens`, and the longest such prompt: every poem of a step gets
+    the same length limit, so one very long title (the corpus has prompts of 137 tokens) would shorten them all."""
+    lengths = prompt_lengths(tokenizer, titles, chat)
+    kept = [(title, n) for title, n in zip(titles, lengths, strict=True) if n <= max_tokens]
+    if not kept:
+        raise PoemDPOError(f"no train title has a prompt of at most max_prompt_tokens={max_tokens} tokens")
+    return [title for title, _ in kept], max(n for _, n in kept)
+
+
+def completion_length(model, longest_prompt: int, wanted: int | None) -> int:
+    """The longest poem RL may write: as evaluate.py, the model's `generation_config.max_new_tokens` (else 128),
+    within its context after the longest prompt. A `wanted` length that does not fit stops the run."""
+    length = default_max_new_tokens(model, wanted)
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context is None:
+        return length
+    room = context - longest_prompt
+    if room < 1:
+        raise PoemDPOError(f"a train prompt takes {longest_prompt} tokens, the whole context ({context}) of the model")
+    if wanted is not None and wanted > room:
+        raise PoemDPOError(
+            f"max_completion_length {wanted} does not fit: the longest train prompt takes {longest_prompt} of the "
+            f"model's {context} positions, leaving {room}; set at most {room} (or lower max_prompt_tokens), or leave "
+            "it unset"
+        )
+    return min(length, room)
+
+
+# --- rewards ------------------------------------------------------------------------------------------------
+
+
+def _text(completion) -> str:
+    """A completion as TRL hands it: a string, or chat turns whose last one is the poem."""
+    return completion if isinstance(completion, str) else completion[-1]["content"]
+
+
+def rule_reward(completions: Sequence, *, rule: str = "five_char", completion_ids: Sequence[Sequence[int]] | None
+                = None, tokenizer: PreTrainedTokenizerBase | None = None, eos_token_ids: Sequence[int] = (),
+                **kwargs) -> list[float]:
+    """The rule as a graded, verifiable reward: 1 for a finished poem the rule prefers, else 0.5 × the share of
+    its lines that have a length the rule asks for (five characters for five_char).
+
+    Graded, because GRPO and RLOO learn only from differences inside a group of K poems for one title: with a
+    0/1 reward a group whose poems all miss (most groups, early on, for a rule the base model rarely meets) is
+    all ties and teaches nothing, while the partial credit still ranks a poem one line off above a wreck. The
+    credit stays below the full reward (at most 0.5 < 1), so meeting the rule always beats nearly meeting it and
+    the optimum is the rule itself. A poem the model did not finish (no eos within the length limit) never gets
+    the full reward — a run-on is not a poem — only its partial credit, its cut last line counting as a miss.
+
+    With `completion_ids` and `tokenizer` (as `train_rl.py` passes them) a poem is read from its token ids:
+    finished means it ends in one of `eos_token_ids`, and an unknown token reads as □ (TRL's decoded text drops
+    it, which would make a five-character line with one rare character look like four). Without them, each
+    completion is taken as a finished poem's text. A rule with no line length in PREFERRED_LINE_LENGTHS (the
+    prosody rules, rhyme and gelv) is graded 1 or 0 until it is given a partial credit of its own.
+    """
+    lengths = PREFERRED_LINE_LENGTHS.get(rule, ())
+    rewards = []
+    for i, completion in enumerate(completions):
+        text, finished = _text(completion), True
+        if completion_ids is not None and tokenizer is not None:
+            ids = list(completion_ids[i])
+            finished = bool(ids) and ids[-1] in eos_token_ids
+            text = decode_poem(tokenizer, ids[:-1] if finished else ids)
+        if finished and preferred(text, rule):
+            rewards.append(1.0)
+            continue
+        form = classify(text)
+        share = max((form.line_lengths.count(n) / form.n_lines for n in lengths), default=0.0) if form.n_lines else 0
+        rewards.append(0.5 * share)
+    return rewards
+
+
+def make_rule_reward(rule: str, tokenizer: PreTrainedTokenizerBase, eos_token_ids: Sequence[int]):
+    """`rule_reward` bound to a rule and the policy's tokenizer, in the form TRL calls (it logs it by name)."""
+    if rule not in RULES:
+        raise PoemDPOError(f"unknown rule {rule!r}; choose one of {sorted(RULES)}")
+    return functools.partial(rule_reward, rule=rule, tokenizer=tokenizer, eos_token_ids=list(eos_token_ids))
+
+
+def eos_ids(model, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Every id that ends a poem, as TRL's trainers count them: the tokenizer's eos and the generation config's."""
+    ids = [tokenizer.eos_token_id]
+    config = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids += [config] if isinstance(config, int) else list(config or [])
+    return sorted({i for i in ids if i is not None})
+
+
+class RewardModelReward:
+    """A reward model from `train_reward.py`, scoring each prompt + poem + eos exactly as it was trained.
+
+    TRL can take the directory itself as a reward function, but it scores prompt + decoded completion without
+    the eos after which the reward model learned to read its score; here every poem is scored through
+    `reward.score`, the path its training and its reported accuracy used. A poem cut off by the length limit
+    is scored as if it ended there (its broken last line is the judge's to punish).
+    """
+
+    __name__ = "reward_model"  # the name TRL logs its rewards under
+
+    def __init__(self, path: str, *, tokenizer: PreTrainedTokenizerBase | None = None,
+                 eos_token_ids: Sequence[int] = (), dtype=None, batch_size: int = 64):
+        self.path, self.batch_size = path, batch_size
+        self.policy_tokenizer, self.eos_token_ids = tokenizer, set(eos_token_ids)
+        self.tokenizer = loading.load_tokenizer(path, what="reward model")
+        self.model = load_reward_model(path, self.tokenizer, dtype=dtype, what="reward model").eval()
+        self.model.requires_grad_(False)
+
+    def to(self, device) -> RewardModelReward:
+        self.model.to(device)
+        return self
+
+    def __call__(self, prompts: Sequence, completions: Sequence, completion_ids=None, **kwargs) -> list[float]:
+        if completion_ids is not None and self.policy_tokenizer is not None and isinstance(completions[0], str):
+            # Read from the ids: an unknown token becomes □ (which the reward model's tokenizer maps to its own
+            # unknown id) instead of vanishing from the line.
+            completions = [
+                decode_poem(self.policy_tokenizer, ids[:-1] if ids and ids[-1] in self.eos_token_ids else ids)
+                for ids in map(list, completion_ids)
+            ]
+        return score(self.model, self.tokenizer, prompts, completions, self.batch_size)
+
+
+def check_reward_model(path: str, splits: SplitSpec | None, chat: bool) -> None:
+    """A directory written by train_reward.py, holding out the titles this run holds out, prompted the same way."""
+    if loading.looks_local(path) and not Path(path).is_dir():
+        raise PoemDPOError(
+            f"reward model directory {path!r} does not exist; train one with: python train_reward.py --output_dir "
+            f"{path}"
+        )
+    config_path = Path(path) / "config.json"
+    if config_path.is_file():
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        architectures = config.get("architectures") or []
+        if not any(a.endswith("ForSequenceClassification") for a in architectures) or config.get(
+            "num_labels", len(config.get("id2label") or {0: 0})
+        ) != 1:
+            raise PoemDPOError(
+                f"{path!r} is not a reward model (its config.json names {architectures or 'no architecture'}, not a "
+                "one-output ForSequenceClassification head); train one with: python train_reward.py"
+            )
+    check_same_splits(splits, recorded_splits(path), f"reward model {path!r} (its poemdpo.json)")
+    recorded = read_run_info(path).get("prompt_format")
+    if recorded and recorded != ("chat" if chat else "instruction"):
+        raise PoemDPOError(
+            f"reward model {path!r} was trained on {recorded} prompts, but this run writes "
+            f"{'chat' if chat else 'instruction'} prompts; set prompt_format to match"
+        )
+
+
+# --- trainers -----------------------------------------------------------------------------------------------
+
+
+class _PoemRL:
+    """What poem-dpo adds to TRL's RL trainers: metrics handed in by callbacks join the next training log (the
+    sample poems' rates, as `PoemDPOTrainer` does), every training log carries β, and the time spent writing
+    poems is counted, so the run reports its generation throughput."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.pending_metrics: dict[str, float] = {}
+        self.generation_seconds, self.completions_generated = 0.0, 0
+        self._window = (0.0, 0)
+
+    def _generate(self, prompts: list):
+        start = time.perf_counter()
+        try:
+            return super()._generate(prompts)
+        finally:
+            self.generation_seconds += time.perf_counter() - start
+            self.completions_generated += len(prompts)  # the sampler repeats each prompt num_generations times
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self.model.training:
+            logs.update(self.pending_metrics)
+            self.pending_metrics = {}
+            if "loss" in logs:
+                seconds = self.generation_seconds - self._window[0]
+                completions = self.completions_generated - self._window[1]
+                logs["beta"] = self.beta
+                if seconds > 0:
+                    logs["generation/completions_per_second"] = completions / seconds
+                self._window = (self.generation_seconds, self.completions_generated)
+        super().log(logs, start_time)
+
+
+class PoemGRPOTrainer(_PoemRL, GRPOTrainer):
+    pass
+
+
+class PoemRLOOTrainer(_PoemRL, RLOOTrainer):
+    pass
+
+
+TRAINERS = {"grpo": PoemGRPOTrainer, "rloo": PoemRLOOTrainer}
+
+
+# --- card ---------------------------------------------------------------------------------------------------
+
+CARD_SETTINGS = (
+    "beta", "num_generations", "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate",
+    "lr_scheduler_type", "warmup_steps", "max_steps", "num_train_epochs", "max_completion_length", "temperature",
+    "top_k", "top_p", "num_iterations", "epsilon", "loss_type", "scale_rewards", "normalize_advantages",
+    "mask_truncated_completions", "bf16", "seed",
+)
+CARD_METRICS = ("reward", "reward_std", "kl", "entropy", "completions/mean_length", "completions/clipped_ratio",
+                "frac_reward_zero_std", "generation/completions_per_second")
+
+
+def last_train_metrics(log_history: list[dict]) -> dict:
+    """The newest training log entry that carries rewards."""
+    for entry in reversed(log_history):
+        if "reward" in entry:
+            return {k: v for k, v in entry.items() if k in CARD_METRICS or k.startswith("rewards/")}
+    return {}
+
+
+def write_rl_card(output_dir: str | Path, *, method: str, base_model: str, dataset: str, rule: str,
+                  reward: str, args, titles: int, metrics: dict, sample_rates: dict, sample_table: str) -> Path:
+    settings = {key: getattr(args, key) for key in CARD_SETTINGS if hasattr(args, key)}
+    card = f"""---
+base_model: {base_model}
+library_name: transformers
+tags: [trl, {method}, poem-dpo, poetry]
+language: [lzh]
+---
+# {Path(output_dir).name}
+
+A causal LM trained by {method.upper()} (TRL `{METHODS[method][1].__name__}`, poem-dpo's `train_rl.py`) on its
+own poems for {titles} training titles of `{dataset}`, starting from `{base_model}` and held near a frozen copy of
+it (β = {args.beta}). Reward: {reward}. The rule counted in the samples: **`{rule}`**.
+
+## Prompt
+
+    <INS>請用以下題目寫一首詩<INP>{{title}}<RES>
+
+## Hyperparameters
+
+```json
+{json.dumps(settings, ensure_ascii=False, indent=2, default=str)}
+```
+
+## Final training metrics
+
+```json
+{json.dumps(metrics, ensure_ascii=False, indent=2)}
+```
+
+Share of sampled poems (temperature 1.0, held-out titles) that satisfy the rule:
+
+```json
+{json.dumps(sample_rates, ensure_ascii=False, indent=2)}
+```
+
+## Sample poems (held-out titles)
+
+{sample_table}
+"""
+    path = Path(output_dir) / "README.md"
+    path.write_text(card, encoding="utf-8")
+    return path

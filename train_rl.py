@@ -1,0 +1,166 @@
+"""RL on the model's own poems with TRL's GRPOTrainer or RLOOTrainer (TRL 1.x has no PPOTrainer).
+
+    python train_rl.py                                    # GRPO, the rule as reward: configs/grpo_tiny_cpu.yaml
+    python train_rl.py --method rloo                      # RLOO: configs/rloo_tiny_cpu.yaml
+    python train_rl.py --reward_model data/reward_five_char --output_dir data/grpo_rm_five_char   # learned judge
+    python train_rl.py --config configs/grpo_tiny_cpu.yaml --beta 0.1 --max_steps 50
+
+Without --config the method's recipe is read. Every field of the recipe can be overridden on the command line;
+`--help` lists GRPO's fields, `--method rloo --help` RLOO's. The prompts are the train split's titles; every
+`sample_every_steps` the policy's poems for held-out titles are printed beside the reference's (`samples.md`).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import yaml
+from trl import ModelConfig, TrlParser, get_peft_config
+
+from poemdpo.data.prompts import CHAPTER_TITLES
+from poemdpo.errors import PoemDPOError
+from poemdpo.models import loading
+from poemdpo.run_info import write_run_info
+from poemdpo.training.dpo import (
+    check_splits_match,
+    check_tokenizer_covers,
+    held_out_titles,
+    load_pairs,
+    preference_rule,
+    use_chat_format,
+)
+from poemdpo.training.rl import (
+    METHODS,
+    RECIPES,
+    TRAINERS,
+    RewardModelReward,
+    RLScriptArguments,
+    check_reward_model,
+    check_settings,
+    completion_length,
+    eos_ids,
+    last_train_metrics,
+    make_rule_reward,
+    method_of,
+    prompt_dataset,
+    short_prompts,
+    train_titles,
+    write_rl_card,
+)
+from poemdpo.training.samples import SamplePoemsCallback
+
+
+def read_recipe(argv: list[str]) -> dict:
+    if "--config" not in argv:
+        return {}
+    path = argv[argv.index("--config") + 1] if argv.index("--config") + 1 < len(argv) else ""
+    if not os.path.isfile(path):
+        raise PoemDPOError(f"recipe {path!r} does not exist")
+    with open(path, encoding="utf-8") as f:
+        recipe = yaml.safe_load(f) or {}
+    if not isinstance(recipe, dict):
+        raise PoemDPOError(f"recipe {path!r} must be a YAML mapping of argument names to values")
+    return recipe
+
+
+def main(argv: list[str] | None = None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # The method decides the config class (GRPOConfig or RLOOConfig), so it is read before the full parse.
+    try:
+        method = method_of(argv, read_recipe(argv))
+    except PoemDPOError as e:
+        TrlParser((RLScriptArguments, METHODS["grpo"][0], ModelConfig)).error(str(e))
+    if "--config" not in argv and not {"-h", "--help"} & set(argv):
+        argv = ["--config", RECIPES[method], *argv]
+    parser = TrlParser((RLScriptArguments, METHODS[method][0], ModelConfig))
+    try:
+        # 1. Arguments: recipe YAML, then the command line.
+        try:
+            script_args, args, model_args = parser.parse_args_and_config(args=argv)
+        except ValueError as e:  # unknown keys in the recipe or on the command line, bad values
+            raise PoemDPOError(str(e)) from None
+        check_settings(args, script_args)
+
+        # 2. Data: the train split's titles are the prompts; held-out titles for the sample poems.
+        dataset, stats = load_pairs(script_args)
+        splits = check_splits_match(stats, model_args.model_name_or_path, script_args.dataset_name)
+        rule = preference_rule(script_args, stats)
+        titles = train_titles(dataset[script_args.dataset_train_split], script_args.max_train_titles, args.seed)
+        sample_titles = held_out_titles(dataset[script_args.dataset_test_split], script_args.sample_titles,
+                                        CHAPTER_TITLES)
+
+        # 3. Policy and tokenizer (TRL loads the frozen reference from the same directory when beta > 0).
+        tokenizer = loading.load_tokenizer(model_args.model_name_or_path, revision=model_args.model_revision,
+                                           trust_remote_code=args.trust_remote_code)
+        model = loading.load_causal_lm(
+            model_args.model_name_or_path, dtype=model_args.dtype, revision=model_args.model_revision,
+            attn_implementation=model_args.attn_implementation, trust_remote_code=args.trust_remote_code,
+        )
+        chat = use_chat_format(tokenizer, script_args.prompt_format)
+        check_tokenizer_covers(tokenizer, dataset[script_args.dataset_train_split])
+        kept, longest = short_prompts(tokenizer, titles, script_args.max_prompt_tokens, chat)
+        if len(kept) < len(titles):
+            print(f"left out {len(titles) - len(kept)} of {len(titles)} train titles whose prompt passes "
+                  f"max_prompt_tokens={script_args.max_prompt_tokens}")
+        titles, prompts = kept, prompt_dataset(kept, chat)
+        args.max_completion_length = completion_length(model, longest, args.max_completion_length)
+
+        # 4. Reward: the rule itself, or a reward model trained by train_reward.py.
+        eos = eos_ids(model, tokenizer)
+        if script_args.reward_model:
+            check_reward_model(script_args.reward_model, splits, chat)
+            reward = RewardModelReward(script_args.reward_model, tokenizer=tokenizer, eos_token_ids=eos,
+                                       batch_size=script_args.reward_batch_size)
+            reward_name = f"the reward model `{script_args.reward_model}`"
+        else:
+            reward = make_rule_reward(rule, tokenizer, eos)
+            reward_name = f"the rule `{rule}` (rule_reward: 1 for a finished poem it prefers, else 0.5 × the share " \
+                          "of lines of its length)"
+    except PoemDPOError as e:
+        parser.error(str(e))
+
+    # 5. Train.
+    trainer = TRAINERS[method](
+        model=model, reward_funcs=[reward], args=args, train_dataset=prompts, processing_class=tokenizer,
+        peft_config=get_peft_config(model_args),
+    )
+    if isinstance(reward, RewardModelReward):
+        reward.to(trainer.accelerator.device)
+    samples = SamplePoemsCallback(
+        trainer, sample_titles, rule, every_steps=script_args.sample_every_steps,
+        table_rows=script_args.sample_table_rows, max_new_tokens=script_args.sample_max_new_tokens, seed=args.seed,
+        chat=chat,
+    )
+    trainer.add_callback(samples)
+    resume = args.resume_from_checkpoint
+    trainer.train(resume_from_checkpoint=True if resume in ("true", "True") else resume)
+
+    # 6. Save model + tokenizer + card + run record.
+    trainer.save_model(args.output_dir)
+    if trainer.is_world_process_zero():
+        throughput = trainer.completions_generated / trainer.generation_seconds if trainer.generation_seconds else 0
+        print(f"{method}: {trainer.completions_generated} poems written in {trainer.generation_seconds:.1f} s of "
+              f"generation ({throughput:.1f} completions/s), max {args.max_completion_length} tokens each")
+        write_run_info(args.output_dir, {
+            "stage": method, "base_model": model_args.model_name_or_path, "dataset": script_args.dataset_name,
+            "rule": rule, "reward": script_args.reward_model or f"rule:{rule}",
+            "splits": splits.to_dict() if splits else None, "prompt_format": "chat" if chat else "instruction",
+            "use_peft": model_args.use_peft, "train_titles": len(titles),
+            "completions": trainer.completions_generated, "generation_seconds": trainer.generation_seconds,
+            **{key: getattr(args, key) for key in ("beta", "num_generations", "max_completion_length", "temperature",
+                                                   "top_k", "top_p", "learning_rate")},
+        })
+        last = samples.last or (samples.sample(trainer.state.global_step) if sample_titles else {})
+        write_rl_card(
+            args.output_dir, method=method, base_model=model_args.model_name_or_path,
+            dataset=script_args.dataset_name, rule=rule, reward=reward_name, args=args, titles=len(titles),
+            metrics=last_train_metrics(trainer.state.log_history), sample_rates=last.get("metrics", {}),
+            sample_table=last.get("table", ""),
+        )
+        print(f"saved the {method} policy to {args.output_dir}")
+    return trainer
+
+
+if __name__ == "__main__":
+    main()
