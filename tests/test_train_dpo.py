@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -38,9 +39,9 @@ def pairs_dir(tmp_path_factory):
 
 
 def tiny_model_dir(path, arch: str, pairs_dir) -> str:
-    from datasets import load_from_disk
+    from datasets import load_dataset
 
-    rows = load_from_disk(str(pairs_dir))["train"]
+    rows = load_dataset(str(pairs_dir))["train"]  # the pairs directory is a Hub-layout dataset
     tokenizer = train_char_tokenizer(list(rows["prompt"]) + list(rows["chosen"]) + list(rows["rejected"]),
                                      min_frequency=1)
     torch.manual_seed(0)
@@ -117,7 +118,7 @@ def test_bad_configuration_is_a_clear_error(tmp_path, pairs_dir, capsys, extra, 
 
 
 def test_unknown_key_in_recipe_and_wrong_columns(tmp_path, pairs_dir, capsys):
-    from datasets import load_from_disk
+    from datasets import load_dataset
 
     model_dir = tiny_model_dir(tmp_path / "base", "llama", pairs_dir)
     recipe = tmp_path / "bad.yaml"
@@ -125,41 +126,84 @@ def test_unknown_key_in_recipe_and_wrong_columns(tmp_path, pairs_dir, capsys):
     with pytest.raises(SystemExit):
         train_dpo.main(["--config", str(recipe)])
     assert "Unknown arguments from config file: ['--betta', '0.1']" in capsys.readouterr().err
-    renamed = load_from_disk(str(pairs_dir)).rename_column("chosen", "preferred")
-    renamed.save_to_disk(str(tmp_path / "renamed"))
+    renamed = load_dataset(str(pairs_dir)).rename_column("chosen", "preferred")
+    for split, rows in renamed.items():  # a Hub-layout directory, as build_dataset.py writes one
+        rows.to_parquet(str(tmp_path / "renamed" / "data" / f"{split}-00000-of-00001.parquet"))
     with pytest.raises(SystemExit):
         run(tmp_path, model_dir, tmp_path / "renamed")
     assert "lacks column(s) ['chosen']" in capsys.readouterr().err
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
 def dpo_command(model_dir, pairs_dir, out, *extra) -> list[str]:
-    return [sys.executable, "train_dpo.py", "--config", "configs/dpo_tiny_cpu.yaml", "--model_name_or_path",
-            model_dir, "--dataset_name", str(pairs_dir), "--output_dir", str(out), "--per_device_train_batch_size",
-            "4", "--max_eval_pairs", "8", "--logging_steps", "1", "--sample_titles", "2",
-            "--sample_max_new_tokens", "16", "--report_to", "none", *extra]
+    """train_dpo.py's arguments for a subprocess (absolute paths: the test may run from anywhere)."""
+    return [str(REPO / "train_dpo.py"), "--config", str(REPO / "configs" / "dpo_tiny_cpu.yaml"),
+            "--model_name_or_path", model_dir, "--dataset_name", str(pairs_dir), "--output_dir", str(out),
+            "--per_device_train_batch_size", "4", "--max_eval_pairs", "8", "--logging_steps", "1",
+            "--sample_titles", "2", "--sample_max_new_tokens", "16", "--report_to", "none", *extra]
 
 
-def test_resume_after_sigkill_ends_at_the_same_step(tmp_path, pairs_dir):
+# Runs a script with the Trainer killed (SIGKILL: nothing gets to clean up) at a chosen step and point, so the kill
+# lands where the test says, not wherever a polling loop happens to catch the run.
+KILLER = """
+import os, runpy, signal, sys
+from transformers import Trainer
+
+step, where = int(os.environ["KILL_AT_STEP"]), os.environ["KILL_WHERE"]
+patched = "_save_rng_state" if where == "mid_checkpoint" else "_maybe_log_save_evaluate"
+original = getattr(Trainer, patched)
+
+def kill_then(self, *args, **kwargs):
+    # mid_checkpoint: model and optimizer written, rng state and trainer_state.json not yet.
+    # between_checkpoints: right after the step, its checkpoint (if any) not begun.
+    if self.state.global_step == step:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return original(self, *args, **kwargs)
+
+setattr(Trainer, patched, kill_then)
+sys.argv = sys.argv[1:]
+sys.path.insert(0, os.path.dirname(sys.argv[0]))
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_resume_after_sigkill_mid_checkpoint_continues_from_the_last_finished_one(tmp_path, pairs_dir):
+    """Killed while writing checkpoint-8 (after checkpoint-4 was finished), `--resume_from_checkpoint true` goes on
+    from checkpoint-4: transformers alone would pick the half-written checkpoint-8."""
+    where, kill_at, resumes_at = "mid_checkpoint", 8, 4
     model_dir = tiny_model_dir(tmp_path / "base", "llama", pairs_dir)
     out = tmp_path / "out"
-    command = dpo_command(model_dir, pairs_dir, out, "--max_steps", "20", "--save_steps", "4",
-                          "--save_total_limit", "2", "--eval_steps", "20")
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not list(out.glob("checkpoint-*/trainer_state.json")) and time.time() < deadline:
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    saved = sorted(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*"))
-    assert saved and saved[-1] < 20, "the run should have been killed mid-way"
-    resumed = subprocess.run(command + ["--resume_from_checkpoint", "true"], check=True, capture_output=True,
-                             text=True)
-    # The resumed run trains only the steps after the last checkpoint, each logged once.
-    assert resumed.stdout.count("'loss':") == 20 - saved[-1]
-    state = json.loads((out / "checkpoint-20" / "trainer_state.json").read_text())
-    assert state["global_step"] == 20
-    assert [e["step"] for e in state["log_history"] if "loss" in e] == list(range(1, 21))
+    command = dpo_command(model_dir, pairs_dir, out, "--max_steps", "12", "--save_steps", "4", "--save_total_limit",
+                          "2", "--eval_steps", "12")
+    killer = tmp_path / "killer.py"
+    killer.write_text(KILLER, encoding="utf-8")
+    env = {**os.environ, "KILL_AT_STEP": str(kill_at), "KILL_WHERE": where}
+    killed = subprocess.run([sys.executable, str(killer), *command], env=env, cwd=REPO, capture_output=True,
+                            text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    finished = sorted(int(p.parent.name.split("-")[1]) for p in out.glob("checkpoint-*/trainer_state.json"))
+    assert finished == [resumes_at]
+    assert (out / "checkpoint-8" / "model.safetensors").is_file()  # half-written: weights, no trainer state
+    assert not (out / "checkpoint-8" / "trainer_state.json").exists()
+
+    resumed = subprocess.run([sys.executable, *command, "--resume_from_checkpoint", "true"], cwd=REPO,
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from checkpoint-4: checkpoint-8 was not finished" in resumed.stdout
+    # Only the steps after the finished checkpoint are trained again, each logged once.
+    assert resumed.stdout.count("'loss':") == 12 - resumes_at
+    state = json.loads((out / "checkpoint-12" / "trainer_state.json").read_text())
+    assert state["global_step"] == 12
+    assert [e["step"] for e in state["log_history"] if "loss" in e] == list(range(1, 13))
     assert AutoModelForCausalLM.from_pretrained(out) is not None
+
+
+def accelerate_launch(config: str, *options: str) -> list[str]:
+    """accelerate's launcher from the running interpreter: no `accelerate` on PATH needed (an un-activated venv)."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / config),
+            "--main_process_port", str(29500 + os.getpid() % 1000), *options]
 
 
 def test_two_process_ddp_on_cpu_with_accelerate(tmp_path, pairs_dir):
@@ -167,15 +211,106 @@ def test_two_process_ddp_on_cpu_with_accelerate(tmp_path, pairs_dir):
     out = tmp_path / "out"
     command = dpo_command(model_dir, pairs_dir, out, "--max_train_pairs", "32", "--eval_steps", "2",
                           "--save_strategy", "no")
-    launch = ["accelerate", "launch", "--config_file", "configs/accelerate/cpu_ddp.yaml",
-              "--main_process_port", str(29500 + os.getpid() % 1000)]
-    result = subprocess.run(launch + command[1:], capture_output=True, text=True)
+    result = subprocess.run(accelerate_launch("configs/accelerate/cpu_ddp.yaml") + command, cwd=REPO,
+                            capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
-    # 32 pairs, 4 per process, 2 processes: 4 optimizer steps (one process would take 8).
-    state_logs = [line for line in result.stderr.splitlines() + result.stdout.splitlines() if "train_runtime" in line]
-    assert state_logs
+    # 32 pairs, 4 per process, 2 processes: 4 optimizer steps (one process would take 8), each logged once.
+    assert result.stdout.count("'loss':") == 4
+    assert result.stdout.count("step 4: five_char rate aligned") == 1  # sampled on both, printed by process 0
     assert "4/4" in result.stderr
-    assert (out / "model.safetensors").is_file() and (out / "README.md").is_file()
+    assert AutoModelForCausalLM.from_pretrained(out) is not None and (out / "README.md").is_file()
+
+
+# accelerate (1.15) takes its FSDP path only on accelerators: on a CPU it runs an FSDP config as plain DDP
+# (use_cpu) or as unconnected processes (check_engine stops both). This shim lets its FSDP2 path run over gloo on
+# the CPU, so the same launch a GPU machine makes (fully_shard, sharded training, generate through FSDP
+# hooks, the full-state-dict save) runs here in seconds; it changes nothing else.
+FSDP_ON_CPU = """
+import os, runpy, sys
+from accelerate.state import AcceleratorState, PartialState
+from accelerate.utils import DistributedType
+
+original = AcceleratorState.__init__
+
+def init(self, *args, fsdp_plugin=None, **kwargs):
+    original(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+    if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+        self.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+        self.fsdp_plugin = fsdp_plugin
+
+AcceleratorState.__init__ = init
+sys.argv = sys.argv[1:]
+sys.path.insert(0, os.path.dirname(sys.argv[0]))
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+finally:
+    state = AcceleratorState()
+    print(f"engine: {state.distributed_type.value}, fsdp version {state.fsdp_plugin.fsdp_version}", flush=True)
+"""
+
+
+def test_two_process_fsdp2_trains_samples_and_saves_a_whole_model(tmp_path, pairs_dir):
+    model_dir = tiny_model_dir(tmp_path / "base", "llama", pairs_dir)
+    out = tmp_path / "out"
+    shim = tmp_path / "fsdp_on_cpu.py"
+    shim.write_text(FSDP_ON_CPU, encoding="utf-8")
+    # configs/accelerate/fsdp.yaml as a GPU machine runs it, but 2 processes and fp32 (CPU).
+    launch = accelerate_launch("configs/accelerate/fsdp.yaml", "--num_processes", "2", "--mixed_precision", "no")
+    command = dpo_command(model_dir, pairs_dir, out, "--max_steps", "2", "--sample_titles", "4", "--eval_steps", "2",
+                          "--save_strategy", "no")
+    result = subprocess.run(launch + [str(shim)] + command, cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("engine: FSDP, fsdp version 2") == 2
+    assert result.stdout.count("'loss':") == 2  # trained
+    assert result.stdout.count("step 2: five_char rate aligned") == 1  # sampled (reference at the start, then step 2)
+    assert "## step 2" in (out / "samples.md").read_text(encoding="utf-8")
+    # The final save is whole (the config's SHARDED_STATE_DICT would save no weights at all) and loads as it is.
+    trained, base = load_file(out / "model.safetensors"), load_file(f"{model_dir}/model.safetensors")
+    assert set(base) <= set(trained)  # (the full state dict also names the tied lm_head)
+    assert any(not torch.equal(trained[name], base[name]) for name in base)
+    assert AutoModelForCausalLM.from_pretrained(out) is not None
+
+
+@pytest.mark.parametrize(
+    "environment, processes, running, message",
+    [
+        ({"ACCELERATE_USE_FSDP": "true"}, 2, "FSDP", "the accelerate config asks for FSDP, but accelerate runs this "
+         "launch as MULTI_CPU"),
+        ({"ACCELERATE_USE_DEEPSPEED": "true"}, 2, "DEEPSPEED", "asks for DEEPSPEED, but accelerate runs this launch "
+         "as MULTI_CPU"),
+        ({"WORLD_SIZE": "2"}, 1, None, "launched as 2 processes, but they did not join one process group"),
+    ],
+)
+def test_a_launch_that_would_not_run_as_launched_stops(monkeypatch, environment, processes, running, message):
+    """What accelerate does on a CPU with the GPU configs (measured with fsdp.yaml here): FSDP / DeepSpeed run as
+    plain DDP (MULTI_CPU), and without use_cpu the processes never join, each training alone."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from poemdpo.errors import PoemDPOError
+    from poemdpo.training.samples import check_engine
+
+    for key in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED", "WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in environment.items():
+        monkeypatch.setenv(key, value)
+    fallback = DistributedType.MULTI_CPU if processes > 1 else DistributedType.NO
+    with pytest.raises(PoemDPOError, match=message):
+        check_engine(SimpleNamespace(num_processes=processes, distributed_type=fallback))
+    if running:  # the engine asked for is the engine running: no complaint
+        check_engine(SimpleNamespace(num_processes=processes, distributed_type=DistributedType[running]))
+
+
+def test_fractional_eval_steps_is_a_share_of_the_run(tmp_path, pairs_dir):
+    """eval_steps 0.1 means every tenth of max_steps, as transformers resolves it; samples follow the evaluations."""
+    model_dir = tiny_model_dir(tmp_path / "base", "llama", pairs_dir)
+    trainer, out = run(tmp_path, model_dir, pairs_dir, "--max_steps", "20", "--eval_steps", "0.1",
+                       "--save_strategy", "no", "--sample_titles", "2", "--max_eval_pairs", "4")
+    evaluated = sorted({e["step"] for e in trainer.state.log_history if "eval_loss" in e})  # (+ the final one)
+    sampled = [e["step"] for e in trainer.state.log_history if "samples/five_char_rate" in e]
+    assert evaluated == list(range(2, 21, 2)) and sampled == evaluated
+    assert (out / "samples.md").read_text(encoding="utf-8").count("## step") == 10
 
 
 CHAT_TEMPLATE = (

@@ -1,11 +1,20 @@
-"""The aligned model's README.md: what it was trained from, how, and what came out."""
+"""The aligned model's README.md: what it was trained from, how, and what came out.
+
+The YAML header is what the Hub reads: `base_model` (a Hub id only; a local directory means nothing there),
+`library_name` (`peft` for an adapter, so the Hub offers to load it on its base), `tags`, `datasets` (a Hub
+dataset only) and `pipeline_tag`.
+"""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import yaml
 from trl import DPOConfig
+
+from poemdpo.data.prompts import build_prompt, conversational
+from poemdpo.models.loading import looks_local
 
 # Hyperparameters a reader needs to re-run the recipe.
 CARD_SETTINGS = (
@@ -13,18 +22,44 @@ CARD_SETTINGS = (
     "num_train_epochs", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "max_length",
     "precompute_ref_log_probs", "activation_checkpointing", "bf16", "seed",
 )
+EXAMPLE_TITLE = "{title}"
+
+
+def card_metadata(base_model: str, dataset: str, use_peft: bool) -> dict:
+    metadata = {}
+    if base_model and not looks_local(base_model):
+        metadata["base_model"] = base_model
+    if dataset and not looks_local(dataset):
+        metadata["datasets"] = [dataset]
+    metadata.update({
+        "library_name": "peft" if use_peft else "transformers",
+        "pipeline_tag": "text-generation",
+        "tags": ["trl", "dpo", "poem-dpo", "poetry"] + (["lora"] if use_peft else []),
+        "language": ["lzh"],
+    })
+    return metadata
+
+
+def prompt_section(tokenizer, chat: bool) -> str:
+    """The prompt exactly as training and sampling built it: the chat template's text for chat runs."""
+    if not chat:
+        return ("The seed's instruction format (no chat template), the poem following `<RES>`:\n\n"
+                f"    {build_prompt(EXAMPLE_TITLE)}")
+    rows = json.dumps(conversational(EXAMPLE_TITLE), ensure_ascii=False)
+    rendered = tokenizer.apply_chat_template(conversational(EXAMPLE_TITLE), add_generation_prompt=True,
+                                             tokenize=False)
+    return ("Conversational rows through the tokenizer's chat template; the poem is the assistant's turn.\n\n"
+            f"```json\n{rows}\n```\n\nrendered (`add_generation_prompt=True`):\n\n```text\n{rendered}\n```")
 
 
 def write_model_card(output_dir: str | Path, *, base_model: str, dataset: str, rule: str, args: DPOConfig,
-                     use_peft: bool, train_pairs: int, metrics: dict, sample_rates: dict, sample_table: str) -> Path:
+                     use_peft: bool, train_pairs: int, metrics: dict, sample_rates: dict, sample_table: str,
+                     tokenizer=None, chat: bool = False) -> Path:
     settings = {key: getattr(args, key) for key in CARD_SETTINGS}
     reward_metrics = {k: v for k, v in metrics.items() if "rewards/" in k or "logps/" in k or k.endswith("loss")}
+    header = yaml.safe_dump(card_metadata(base_model, dataset, use_peft), allow_unicode=True, sort_keys=False)
     card = f"""---
-base_model: {base_model}
-library_name: transformers
-tags: [trl, dpo, poem-dpo, poetry]
-language: [lzh]
----
+{header}---
 # {Path(output_dir).name}
 
 A causal LM aligned by DPO (TRL `DPOTrainer`, poem-dpo's `train_dpo.py`) to prefer poems under the
@@ -33,7 +68,7 @@ pairs of `{dataset}`.
 
 ## Prompt
 
-    <INS>請用以下題目寫一首詩<INP>{{title}}<RES>
+{prompt_section(tokenizer, chat)}
 
 ## Hyperparameters
 

@@ -1,14 +1,23 @@
-"""Poems seen while training: aligned vs reference for the same held-out titles, and the rule's rate."""
+"""Poems seen while training (aligned vs reference for the same held-out titles, and the rule's rate), and the
+DPOTrainer that train_dpo.py runs them in."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import re
 from pathlib import Path
 
+from accelerate.utils import is_peft_model
 from transformers import TrainerCallback
 from trl import DPOTrainer
+from trl.models import unwrap_model_for_generation
+from trl.trainer.utils import use_adapter
 
 from poemdpo.data.rules import preferred
+from poemdpo.errors import PoemDPOError
 from poemdpo.evaluation.metrics import rate_of, strict_five_rate
+from poemdpo.evaluation.tables import side_by_side
 from poemdpo.models.generation import generate_poems
 
 
@@ -17,25 +26,20 @@ def rule_rate(poems: list[str], rule: str) -> float:
     return rate_of(lambda poem: preferred(poem, rule), poems)
 
 
-def side_by_side(titles: list[str], aligned: list[str], reference: list[str], rows: int) -> str:
-    """A Markdown table; newlines become <br> so a poem stays in its cell."""
-    lines = ["| title | aligned | reference |", "|---|---|---|"]
-    for title, a, r in list(zip(titles, aligned, reference, strict=True))[:rows]:
-        cells = [c.replace("\n", "<br>").replace("|", "｜") or "(empty)" for c in (title, a, r)]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
 class PoemDPOTrainer(DPOTrainer):
-    """DPOTrainer whose training logs also carry metrics that callbacks hand in (the sample poems' rates).
+    """TRL's DPOTrainer, changed where it would fail a user quietly:
 
-    Logging from inside a callback with `trainer.log` on one process desynchronises the processes of a
-    multi-process run; handing the figures to the next regular log keeps every process on the same path.
+    - training logs carry the metrics callbacks hand in (the sample poems' rates): logging from inside a
+      callback on one process desynchronises a multi-process run, the next regular log keeps all in step;
+    - a launch that does not run as launched stops (`check_engine`);
+    - the final save is one whole model, and never pushes (`save_model`);
+    - `resume_from_checkpoint=True` takes the last checkpoint that was finished (`last_complete_checkpoint`).
     """
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.pending_metrics: dict[str, float] = {}
+        check_engine(self.accelerator)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self.model.training:
@@ -43,44 +47,151 @@ class PoemDPOTrainer(DPOTrainer):
             self.pending_metrics = {}
         super().log(logs, start_time)
 
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Save only. The Trainer would also push here, uploading TRL's model card before ours is written;
+        train_dpo.py pushes once afterwards (`hub.push_final_model`). Checkpoint pushes (`hub_strategy`) stay.
+
+        The final model is saved whole under FSDP too: with a sharded state dict (configs/accelerate/fsdp.yaml)
+        the Trainer would save nothing here at all. Checkpoints keep their shards."""
+        plugin = self.accelerator.state.fsdp_plugin if self.is_fsdp_enabled else None
+        if plugin is not None and not _internal_call and "FULL_STATE_DICT" not in str(plugin.state_dict_type):
+            plugin.set_state_dict_type("FULL_STATE_DICT")  # the run is over: no checkpoint is written after this
+        super().save_model(output_dir, _internal_call=True)
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+
+def last_complete_checkpoint(output_dir: str | Path) -> str:
+    """The newest checkpoint the Trainer finished writing. trainer_state.json is the last file it writes, so a run
+    killed mid-checkpoint leaves a newer directory without one, which transformers' get_last_checkpoint would pick
+    (and resume from step 0 with that step's weights, or fail on its missing optimizer state)."""
+    steps = {}
+    for path in Path(output_dir).glob("checkpoint-*"):
+        if (match := re.fullmatch(r"checkpoint-(\d+)", path.name)) and path.is_dir():
+            steps[int(match.group(1))] = path
+    for step in sorted(steps, reverse=True):
+        if (steps[step] / "trainer_state.json").is_file():
+            skipped = [steps[s].name for s in steps if s > step]
+            if skipped:
+                print(f"resuming from {steps[step].name}: {', '.join(sorted(skipped))} was not finished "
+                      "(no trainer_state.json)")
+            return str(steps[step])
+    raise PoemDPOError(f"--resume_from_checkpoint true, but {output_dir} holds no finished checkpoint "
+                       "(a checkpoint-N directory with trainer_state.json); start without it")
+
+
+def check_engine(accelerator) -> None:
+    """Stop a launch that does not run as launched. Accelerate shards with FSDP / DeepSpeed only on accelerators:
+    on a CPU it silently runs such a config as plain DDP, and without `use_cpu` the processes do not even join
+    one group, each training alone over the others' output directory."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1 and accelerator.num_processes == 1:
+        raise PoemDPOError(
+            f"launched as {world_size} processes, but they did not join one process group (no GPU, and use_cpu is "
+            "false), so each would train alone and overwrite the others' output; on a CPU set use_cpu: true"
+        )
+    running = accelerator.distributed_type.value
+    for engine in ("FSDP", "DEEPSPEED"):
+        if os.environ.get(f"ACCELERATE_USE_{engine}", "false").lower() == "true" and running != engine:
+            raise PoemDPOError(
+                f"the accelerate config asks for {engine}, but accelerate runs this launch as {running} (it shards "
+                "only on GPUs); launch with configs/accelerate/cpu_ddp.yaml on a CPU"
+            )
+
+
+def sampling_steps(requested: int | None, state) -> int:
+    """Sample every `requested` steps, else every eval step, else every logging step: as the Trainer resolved them
+    (`TrainerState.compute_steps` turns a fraction such as eval_steps 0.1 into a share of max_steps)."""
+    return max(1, int(requested or state.eval_steps or state.logging_steps or 1))
+
 
 class SamplePoemsCallback(TrainerCallback):
-    """Every `every_steps` and at the end: sample the policy, log the rule's rate, print the table.
+    """At the start: the reference's poems; every `every_steps` and at the end: the policy's, with the rule's rate.
 
-    Reference poems are sampled once before training (the policy then *is* the reference), so no
-    reference model is needed here: this works the same with LoRA and precomputed log-probs.
+    Both are sampled from the models the Trainer prepared (DDP, FSDP, DeepSpeed ZeRO-3 alike: TRL's
+    `unwrap_model_for_generation` gathers sharded weights, and generate keeps the processes in step), so
+    nothing here depends on the engine. The reference is the one DPO scores against: the frozen copy, the
+    policy with its LoRA adapter off, or, with precomputed reference log-probs, the policy before its first step.
     """
 
-    def __init__(self, trainer: PoemDPOTrainer, titles: list[str], reference_poems: list[str], rule: str,
-                 every_steps: int, table_rows: int, max_new_tokens: int, seed: int):
-        self.trainer, self.titles, self.reference_poems = trainer, titles, reference_poems
-        self.rule, self.every_steps, self.table_rows = rule, every_steps, table_rows
+    def __init__(self, trainer: PoemDPOTrainer, titles: list[str], rule: str, every_steps: int | None,
+                 table_rows: int, max_new_tokens: int | None, seed: int, chat: bool = False):
+        self.trainer, self.titles, self.rule, self.chat = trainer, titles, rule, chat
+        self.requested_steps, self.table_rows = every_steps, table_rows
         self.max_new_tokens, self.seed = max_new_tokens, seed
+        self.every_steps = 1
+        self.reference_poems: list[str] | None = None
         self.last: dict = {}
 
+    def poems(self, model, reference: bool = False) -> list[str]:
+        """Poems of a prepared model for the titles; `reference`: of the policy as TRL scores its reference."""
+        trainer = self.trainer
+        with unwrap_model_for_generation(model, trainer.accelerator) as unwrapped:
+            adapter_off = contextlib.nullcontext()
+            if reference and trainer.ref_model is None and is_peft_model(unwrapped):
+                # as TRL's reference: the adapter "ref" if the model has one, else no adapter at all
+                adapter_off = use_adapter(unwrapped, "ref" if "ref" in unwrapped.peft_config else None)
+            with adapter_off, self._prompt_format():
+                return generate_poems(unwrapped, trainer.processing_class, self.titles,
+                                      max_new_tokens=self.max_new_tokens, seed=self.seed)
+
+    @contextlib.contextmanager
+    def _prompt_format(self):
+        """Prompts as training built them: generate_poems takes the chat template whenever the tokenizer has one,
+        so an instruction-format run (`prompt_format: instruction`) hides it while sampling."""
+        tokenizer = self.trainer.processing_class
+        template = getattr(tokenizer, "chat_template", None)
+        if self.chat or not template:
+            yield
+            return
+        tokenizer.chat_template = None
+        try:
+            yield
+        finally:
+            tokenizer.chat_template = template
+
+    def sample_reference(self, state) -> None:
+        trainer = self.trainer
+        if trainer.ref_model is not None:
+            self.reference_poems = self.poems(trainer.ref_model, reference=True)
+        elif is_peft_model(trainer.accelerator.unwrap_model(trainer.model)) or state.global_step == 0:
+            self.reference_poems = self.poems(trainer.model_wrapped, reference=True)
+        else:  # resumed with precomputed reference log-probs: the weights in memory are no longer the reference
+            self.reference_poems = None
+
     def sample(self, step: int) -> dict:
-        model = self.trainer.accelerator.unwrap_model(self.trainer.model)
-        poems = generate_poems(model, self.trainer.processing_class, self.titles,
-                               max_new_tokens=self.max_new_tokens, seed=self.seed)
-        metrics = {
-            f"samples/{self.rule}_rate": rule_rate(poems, self.rule),
-            f"samples/{self.rule}_rate_reference": rule_rate(self.reference_poems, self.rule),
-            "samples/five_char_rate": strict_five_rate(poems),
-        }
-        table = side_by_side(self.titles, poems, self.reference_poems, self.table_rows)
+        poems = self.poems(self.trainer.model_wrapped)
+        metrics = {f"samples/{self.rule}_rate": rule_rate(poems, self.rule),
+                   "samples/five_char_rate": strict_five_rate(poems)}
+        reference = self.reference_poems
+        if reference is not None:
+            metrics[f"samples/{self.rule}_rate_reference"] = rule_rate(reference, self.rule)
+        else:
+            reference = ["(not sampled: a resumed run without a reference model)"] * len(poems)
+        table = side_by_side(self.titles, poems, reference, self.table_rows)
         self.last = {"step": step, "poems": poems, "metrics": metrics, "table": table}
         self.trainer.pending_metrics.update(metrics)
         if not self.trainer.is_world_process_zero():
             return self.last
-        print(f"\nstep {step}: {self.rule} rate aligned {metrics[f'samples/{self.rule}_rate']:.2f} "
-              f"vs reference {metrics[f'samples/{self.rule}_rate_reference']:.2f}\n{table}\n")
+        versus = (f" vs reference {metrics[f'samples/{self.rule}_rate_reference']:.2f}"
+                  if f"samples/{self.rule}_rate_reference" in metrics else "")
+        print(f"\nstep {step}: {self.rule} rate aligned {metrics[f'samples/{self.rule}_rate']:.2f}{versus}\n{table}\n")
         output = Path(self.trainer.args.output_dir) / "samples.md"
         with open(output, "a", encoding="utf-8") as f:
             f.write(f"\n## step {step}\n\n{table}\n")
         return self.last
 
     # Every process samples (the same poems) and asks for a log line at this step, so all take the
-    # same path through the Trainer; only process 0 prints and writes.
+    # same path through the Trainer (and through FSDP / ZeRO-3 collectives); only process 0 prints and writes.
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.every_steps = sampling_steps(self.requested_steps, state)
+        if self.titles:
+            self.sample_reference(state)
+        return control
+
     def on_step_end(self, args, state, control, **kwargs):
         if self.titles and (state.global_step % self.every_steps == 0 or state.global_step >= state.max_steps):
             self.sample(state.global_step)
