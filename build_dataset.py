@@ -3,6 +3,9 @@
     python build_dataset.py                                   # default corpus, rule five_char
     python build_dataset.py --rule seven_char --pairing random --output_dir data/pairs_7
     python build_dataset.py --on_policy_model data/base_model --output_dir data/pairs_on_policy
+
+The output directory is a Hub-layout dataset: `datasets.load_dataset(dir)` reads the pairs (train / validation /
+test), `load_dataset(dir, "poems")` every held-out poem; `trl dpo --dataset_name dir` trains on it as it is.
 """
 
 from __future__ import annotations
@@ -14,8 +17,8 @@ from dataclasses import dataclass, field
 
 from transformers import HfArgumentParser
 
-from poemdpo.data.corpus import DEFAULT_CORPUS, CorpusError, read_corpus
-from poemdpo.data.dataset import build_preference_dataset, push_to_hub, save, split_poems
+from poemdpo.data.corpus import DEFAULT_CORPUS, read_corpus
+from poemdpo.data.dataset import build_preference_dataset, held_out_poems, push_to_hub, save
 from poemdpo.data.on_policy import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_SAMPLES,
@@ -25,7 +28,14 @@ from poemdpo.data.on_policy import (
 )
 from poemdpo.data.pairs import DEFAULT_NEAR_MISS_SHARE, DEFAULT_PAIRING, STRATEGIES
 from poemdpo.data.rules import RULES
-from poemdpo.data.splits import DEFAULT_SPLIT_SEED, DEFAULT_TEST_SIZE
+from poemdpo.data.splits import (
+    DEFAULT_SPLIT_SEED,
+    DEFAULT_TEST_SIZE,
+    DEFAULT_VALIDATION_SIZE,
+    SplitSpec,
+    split_poems,
+)
+from poemdpo.errors import PoemDPOError
 
 
 @dataclass
@@ -55,10 +65,17 @@ class BuildArguments:
     seed: int = field(default=42, metadata={"help": "Seed for the pairing (which poems meet)."})
     split_seed: int = field(
         default=DEFAULT_SPLIT_SEED,
-        metadata={"help": "Seed of the title split. Keep the default: the embedded base model held out these "
-                  "titles, so a different split would test it on titles it trained on."},
+        metadata={"help": "Seed of the title hash that splits train / validation / test. The base model must be "
+                  "trained with the same split (train_dpo.py and evaluate.py refuse a mix)."},
     )
-    test_size: float = field(default=DEFAULT_TEST_SIZE, metadata={"help": "Fraction of titles held out as test."})
+    validation_size: float = field(
+        default=DEFAULT_VALIDATION_SIZE,
+        metadata={"help": "Share of titles held out for validation: every recipe choice is made on these."},
+    )
+    test_size: float = field(
+        default=DEFAULT_TEST_SIZE,
+        metadata={"help": "Share of titles held out for test: the headline is measured on these only."},
+    )
     to_simplified: bool = field(
         default=False, metadata={"help": "Convert to simplified characters with OpenCC (default: keep traditional)."}
     )
@@ -99,6 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
     output_dir = args.output_dir or f"data/pairs_{args.rule}"
     start = time.perf_counter()
     try:
+        splits = SplitSpec(args.validation_size, args.test_size, args.split_seed)
         # Loaded first, so a wrong model path fails before the corpus is read.
         sampler = load_sampler(args.on_policy_model) if args.on_policy_model else None
         poems, corpus_stats = read_corpus(args.corpus, skip_bad=args.skip_bad, to_simplified=args.to_simplified)
@@ -107,8 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
             args.rule,
             args.pairing,
             args.seed,
-            args.test_size,
-            args.split_seed,
+            splits,
             corpus_stats,
             near_miss_share=args.near_miss_share,
         )
@@ -117,7 +134,7 @@ def main(argv: list[str] | None = None) -> dict:
             dataset, stats = with_on_policy_train(
                 dataset,
                 stats,
-                split_poems(poems, args.test_size, args.split_seed)["train"],
+                split_poems(poems, splits)["train"],
                 model,
                 tokenizer,
                 args.on_policy_model,
@@ -130,15 +147,16 @@ def main(argv: list[str] | None = None) -> dict:
                 max_new_tokens=args.on_policy_max_new_tokens,
                 progress=True,
             )
-    except (CorpusError, ValueError) as e:
+        poems_held_out = held_out_poems(poems, splits)
+    except ValueError as e:  # PoemDPOError, and the rule/pairing checks of poemdpo.data
         sys.exit(f"build_dataset.py: error: {e}")
-    save(dataset, stats, output_dir)
+    save(dataset, stats, output_dir, poems_held_out)
     print(json.dumps(stats, ensure_ascii=False, indent=2))
     print(f"saved {dataset} to {output_dir} in {time.perf_counter() - start:.1f}s")
     if args.push_to_hub:
         try:
-            push_to_hub(dataset, stats, args.push_to_hub)
-        except RuntimeError as e:
+            push_to_hub(output_dir, args.push_to_hub)
+        except PoemDPOError as e:
             sys.exit(f"build_dataset.py: error: {e}")
     return stats
 

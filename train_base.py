@@ -14,6 +14,7 @@ import sys
 from transformers import Trainer, TrainingArguments
 from trl import TrlParser
 
+from poemdpo.errors import PoemDPOError
 from poemdpo.models.base_model import BaseModelArguments, train_base
 
 DEFAULT_CONFIG = "configs/base_tiny_cpu.yaml"
@@ -26,7 +27,10 @@ def main(argv: list[str] | None = None) -> Trainer:
     parser = TrlParser((BaseModelArguments, TrainingArguments), description=__doc__)
     args, training_args = parser.parse_args_and_config(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    trainer = train_base(args, training_args)
+    try:
+        trainer = train_base(args, training_args)
+    except PoemDPOError as e:
+        parser.error(str(e))
     print(f"saved to {training_args.output_dir}")
     return trainer
 

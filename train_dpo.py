@@ -14,14 +14,17 @@ import sys
 
 from trl import DPOConfig, ModelConfig, TrlParser, get_peft_config
 
-from poemdpo.models.generation import default_max_new_tokens, generate_poems
+from poemdpo.data.prompts import CHAPTER_TITLES
+from poemdpo.errors import PoemDPOError
+from poemdpo.run_info import write_run_info
 from poemdpo.training.dpo import (
-    ConfigError,
     DPOScriptArguments,
     check_removed_keys,
     check_settings,
+    check_splits_match,
     check_token_boundaries,
     check_tokenizer_covers,
+    held_out_titles,
     load_frozen_reference,
     load_pairs,
     load_policy,
@@ -50,19 +53,21 @@ def main(argv: list[str] | None = None) -> PoemDPOTrainer:
         try:
             script_args, args, model_args = parser.parse_args_and_config(args=argv)
         except ValueError as e:  # unknown keys in the recipe or on the command line, bad values
-            raise ConfigError(str(e)) from None
+            raise PoemDPOError(str(e)) from None
         check_settings(args, script_args)
         if args.push_to_hub:
             check_hub_access(args.hub_model_id)  # before training, not after an hour of it
 
-        # 2. Data: the pairs built by build_dataset.py (or a Hub dataset with the same columns).
+        # 2. Data: the pairs built by build_dataset.py (or a Hub dataset with the same columns), holding out the
+        #    same titles as the base model.
         dataset, stats = load_pairs(script_args)
+        splits = check_splits_match(stats, model_args.model_name_or_path, script_args.dataset_name)
         rule = preference_rule(script_args, stats)
         train = select_pairs(dataset[script_args.dataset_train_split], script_args.max_train_pairs, args.seed)
         test = select_pairs(dataset[script_args.dataset_test_split], script_args.max_eval_pairs, args.seed)
         # A `length` column lets `train_sampling_strategy: group_by_length` batch pairs of similar length.
         train, test = with_lengths(train), with_lengths(test)
-        titles = sorted(set(dataset[script_args.dataset_test_split]["title"]))[: script_args.sample_titles]
+        titles = held_out_titles(dataset[script_args.dataset_test_split], script_args.sample_titles, CHAPTER_TITLES)
 
         # 3. Models: the policy, and a frozen copy as reference (none with LoRA: the adapter is switched off).
         tokenizer = load_tokenizer(model_args)
@@ -71,34 +76,31 @@ def main(argv: list[str] | None = None) -> PoemDPOTrainer:
         ref_model = load_frozen_reference(model_args) if needs_reference else None
 
         # 4. Prompts as the model expects them, checked token by token before any training.
-        if use_chat_format(tokenizer, script_args.prompt_format):
+        chat = use_chat_format(tokenizer, script_args.prompt_format)
+        if chat:
             train, test = to_conversational(train), to_conversational(test)
         check_tokenizer_covers(tokenizer, train)
         check_token_boundaries(tokenizer, train, script_args.boundary_check_rows)
-    except ConfigError as e:
+    except PoemDPOError as e:
         parser.error(str(e))
 
-    # The policy is still the reference here: its poems are the reference's, sampled once.
-    max_new_tokens = (
-        default_max_new_tokens(model, script_args.sample_max_new_tokens) if titles else 0
-    )
-    reference_poems = generate_poems(model, tokenizer, titles, max_new_tokens=max_new_tokens, seed=args.seed)
-
-    # 5. Train.
-    trainer = PoemDPOTrainer(
-        model=model,
-        ref_model=ref_model,
-        args=args,
-        train_dataset=train,
-        eval_dataset=test if args.eval_strategy != "no" else None,
-        processing_class=tokenizer,
-        peft_config=get_peft_config(model_args),
-    )
+    # 5. Train. Sample poems come from the prepared models (the reference's at the start), whatever the engine.
+    try:
+        trainer = PoemDPOTrainer(
+            model=model,
+            ref_model=ref_model,
+            args=args,
+            train_dataset=train,
+            eval_dataset=test if args.eval_strategy != "no" else None,
+            processing_class=tokenizer,
+            peft_config=get_peft_config(model_args),
+        )
+    except PoemDPOError as e:  # a launch that would not run as launched (samples.check_engine)
+        parser.error(str(e))
     use_compact_lm_head(trainer)  # off CUDA: only completion positions go through the LM head
     samples = SamplePoemsCallback(
-        trainer, titles, reference_poems, rule,
-        every_steps=script_args.sample_every_steps or int(args.eval_steps or args.logging_steps),
-        table_rows=script_args.sample_table_rows, max_new_tokens=max_new_tokens, seed=args.seed,
+        trainer, titles, rule, every_steps=script_args.sample_every_steps, table_rows=script_args.sample_table_rows,
+        max_new_tokens=script_args.sample_max_new_tokens, seed=args.seed, chat=chat,
     )
     trainer.add_callback(samples)
     resume = args.resume_from_checkpoint
@@ -108,16 +110,26 @@ def main(argv: list[str] | None = None) -> PoemDPOTrainer:
     # 6. Save model + tokenizer + card; push if asked.
     trainer.save_model(args.output_dir)
     if trainer.is_world_process_zero():
+        # What evaluate.py needs to compute the rewards as this run did, in plain JSON (never a pickle).
+        write_run_info(args.output_dir, {
+            "stage": "dpo", "base_model": model_args.model_name_or_path, "dataset": script_args.dataset_name,
+            "rule": rule, "splits": splits.to_dict() if splits else None, "prompt_format": "chat" if chat else
+            "instruction", "use_peft": model_args.use_peft, "train_pairs": len(train),
+            **{key: getattr(args, key) for key in ("beta", "loss_type", "loss_weights", "ld_alpha", "max_length")},
+        })
         last = samples.last or (samples.sample(trainer.state.global_step) if titles else {})
         write_model_card(
             args.output_dir, base_model=model_args.model_name_or_path, dataset=script_args.dataset_name,
             rule=rule, args=args, use_peft=model_args.use_peft, train_pairs=len(train),
             metrics={**metrics, **_last_train_metrics(trainer)}, sample_rates=last.get("metrics", {}),
-            sample_table=last.get("table", ""),
+            sample_table=last.get("table", ""), tokenizer=tokenizer, chat=chat,
         )
         print(f"saved the aligned model to {args.output_dir}")
         if args.push_to_hub:
-            push_final_model(trainer)
+            try:
+                push_final_model(trainer)
+            except PoemDPOError as e:
+                sys.exit(f"train_dpo.py: error: {e}")
     return trainer
 
 

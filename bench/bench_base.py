@@ -40,14 +40,15 @@ from trl import TrlParser  # noqa: E402
 
 from poemdpo import forms  # noqa: E402
 from poemdpo.data.corpus import read_corpus  # noqa: E402
-from poemdpo.data.dataset import split_poems  # noqa: E402
 from poemdpo.data.prompts import build_prompt  # noqa: E402
+from poemdpo.data.splits import split_poems  # noqa: E402
 from poemdpo.evaluation.metrics import loss_per_character, well_formed_rate  # noqa: E402
 from poemdpo.models.base_model import (  # noqa: E402
     BaseModelArguments,
     build_model,
     load_training_texts,
     make_trainer,
+    splits_of,  # noqa: E402
     train_base,
 )
 from poemdpo.models.generation import generate_poems  # noqa: E402
@@ -225,7 +226,7 @@ def quality(model_dir: str, args: BaseModelArguments, bench: BenchArguments) -> 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     poems, _ = read_corpus(args.corpus, progress=False)
-    test = split_poems(poems, args.test_size, args.split_seed)["test"]
+    test = split_poems(poems, splits_of(args))["validation"]  # choices read validation, never test
     rng = random.Random(bench.sample_seed)
 
     scored = rng.sample(test, min(bench.loss_poems, len(test)))

@@ -105,11 +105,10 @@ def device_name() -> str:
 
 def bench_pairs(dataset_dir: str, n: int, seed: int):
     """The pairs every variant trains on: train_dpo.py's own selection (shuffle with the recipe seed, first n)."""
-    from datasets import load_from_disk
-
+    from poemdpo.data.dataset import load_pairs_dir
     from poemdpo.training.dpo import select_pairs
 
-    return select_pairs(load_from_disk(dataset_dir)["train"], n, seed)
+    return select_pairs(load_pairs_dir(dataset_dir)[0]["train"], n, seed)
 
 
 # --------------------------------------------------------------------------------------------------------------

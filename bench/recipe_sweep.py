@@ -25,8 +25,9 @@ import time
 from pathlib import Path
 
 import torch
-from datasets import load_from_disk
 from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from poemdpo.data.dataset import load_pairs_dir  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -88,7 +89,7 @@ def main() -> None:
     parser.add_argument("--work_dir", default="data/sweep", help="where runs are written (deleted after)")
     args = parser.parse_args()
 
-    test = load_from_disk(args.dataset)["test"]
+    test = load_pairs_dir(args.dataset)[0]["validation"]
     titles = sorted(set(test["title"]))[: args.num_titles]
     held_out = (list(test["prompt"]), list(test["chosen"]))
     names = args.only.split(",") if args.only else list(SWEEP)

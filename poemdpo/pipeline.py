@@ -1,5 +1,8 @@
 """The main job, end to end on the embedded default: dataset -> base model (if missing) -> DPO -> evaluation.
 
+The headline is evaluate.py's own: the rule's strict rate on random test titles (K poems each), with its 95%
+interval, beside the reference's; every stage uses the same train / validation / test split of titles.
+
     python -m poemdpo.pipeline                       # 五言 preferred (rule five_char)
     python -m poemdpo.pipeline --rule seven_char     # 七言 preferred
     python -m poemdpo.pipeline --max_train_pairs 500 # anything after the known options goes to train_dpo.py
@@ -23,7 +26,8 @@ from transformers import HfArgumentParser
 from poemdpo.data.corpus import DEFAULT_CORPUS
 from poemdpo.data.pairs import DEFAULT_NEAR_MISS_SHARE, DEFAULT_PAIRING, STRATEGIES
 from poemdpo.data.rules import RULES
-from poemdpo.training.samples import rule_rate
+from poemdpo.data.splits import DEFAULT_SPLIT_SEED, DEFAULT_TEST_SIZE, DEFAULT_VALIDATION_SIZE
+from poemdpo.evaluation.evaluate import headline
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -44,10 +48,14 @@ class PipelineArguments:
     base_config: str = field(default="configs/base_tiny_cpu.yaml", metadata={"help": "Recipe for train_base.py."})
     dpo_config: str = field(default="configs/dpo_tiny_cpu.yaml", metadata={"help": "Recipe for train_dpo.py."})
     output_dir: str | None = field(default=None, metadata={"help": "DPO output (default: data/dpo_<rule>)."})
-    num_titles: int = field(default=300, metadata={"help": "Held-out titles to sample poems for in evaluation."})
-    max_eval_pairs: int | None = field(
-        default=None, metadata={"help": "Score only the first N held-out pairs in evaluation (default: all)."}
-    )
+    validation_size: float = field(default=DEFAULT_VALIDATION_SIZE,
+                                   metadata={"help": "Share of titles held out for validation (every stage)."})
+    test_size: float = field(default=DEFAULT_TEST_SIZE,
+                             metadata={"help": "Share of titles held out for test (every stage)."})
+    split_seed: int = field(default=DEFAULT_SPLIT_SEED, metadata={"help": "Seed of the title hash (every stage)."})
+    num_titles: int = field(default=300, metadata={"help": "Random test titles sampled for in evaluation."})
+    poems_per_title: int = field(default=4, metadata={"help": "Poems per title in evaluation (K)."})
+    seeds: int = field(default=1, metadata={"help": "Sampling seeds in evaluation; counts are pooled."})
 
 
 def run_stage(name: str, command: list[str]) -> float:
@@ -67,34 +75,26 @@ def main(argv: list[str] | None = None) -> dict:
     output_dir = args.output_dir or f"data/dpo_{args.rule}"
     seconds = {}
 
+    splits = ["--validation_size", str(args.validation_size), "--test_size", str(args.test_size), "--split_seed",
+              str(args.split_seed)]
     seconds["dataset"] = run_stage("dataset", ["build_dataset.py", "--corpus", args.corpus, "--rule", args.rule,
                                                "--pairing", args.pairing, "--near_miss_share",
-                                               str(args.near_miss_share), "--output_dir", pairs])
+                                               str(args.near_miss_share), "--output_dir", pairs, *splits])
     if not (ROOT / args.base_model / "config.json").is_file():
         seconds["base model"] = run_stage("base model", ["train_base.py", "--config", args.base_config,
-                                                         "--output_dir", args.base_model])
+                                                         "--corpus", args.corpus, "--output_dir", args.base_model,
+                                                         *splits])
     seconds["dpo"] = run_stage("dpo", ["train_dpo.py", "--config", args.dpo_config, "--model_name_or_path",
                                        args.base_model, "--dataset_name", pairs, "--output_dir", output_dir,
                                        *dpo_overrides])
     seconds["evaluation"] = run_stage("evaluation", ["evaluate.py", "--model", output_dir, "--reference",
-                                                     args.base_model, "--dataset", pairs,
-                                                     "--num_titles", str(args.num_titles),
-                                                     *(["--max_eval_pairs", str(args.max_eval_pairs)]
-                                                       if args.max_eval_pairs else [])])
+                                                     args.base_model, "--dataset", pairs, "--split", "test",
+                                                     "--num_titles", str(args.num_titles), "--poems_per_title",
+                                                     str(args.poems_per_title), "--seeds", str(args.seeds)])
 
-    eval_dir = ROOT / output_dir / "eval"
-    report = json.loads((eval_dir / "report.json").read_text(encoding="utf-8"))
-    with open(eval_dir / "poems.jsonl", encoding="utf-8") as f:
-        poems = [json.loads(line) for line in f]
+    report = json.loads((ROOT / output_dir / "eval" / "report.json").read_text(encoding="utf-8"))
     print("\n=== poem-dpo: done")
-    for name in ("aligned", "reference"):
-        model = report["models"][name]
-        rate = rule_rate([p[name] for p in poems], args.rule)
-        print(f"{name:9s} {args.rule} rate {rate:.1%}  well-formed {model['well_formed_rate']:.1%}  "
-              f"degenerate {model['degenerate_rate']:.1%}  distinct-2 {model['distinct_2']:.3f}  "
-              f"loss/char 五言 {model['loss_per_char_five']:.3f}")
-    rewards = report["rewards"]
-    print(f"rewards   accuracy {rewards['reward_accuracy']:.1%}  mean margin {rewards['mean_margin']:.3f}")
+    print(headline(report))
     print("time      " + "  ".join(f"{k} {v / 60:.1f} min" for k, v in seconds.items())
           + f"  total {sum(seconds.values()) / 60:.1f} min")
     print(f"report    {output_dir}/eval/report.md")

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, pipeline
 import train_base
 from poemdpo.data.forms import is_well_formed
 from poemdpo.data.prompts import build_prompt
-from poemdpo.data.splits import is_test_title
+from poemdpo.data.splits import SplitSpec, split_of
 from poemdpo.models.base_model import (
     BaseModelArguments,
     PackedPoemsCollator,
@@ -117,10 +117,10 @@ def test_resume_from_checkpoint_continues(trained, tmp_path, monkeypatch):
 
 def test_trains_only_on_non_test_titles(trained):
     corpus, _, _ = trained
-    args = BaseModelArguments(corpus=str(corpus), test_size=0.3)
+    args = BaseModelArguments(corpus=str(corpus), validation_size=0.2, test_size=0.3)
     texts = load_training_texts(args)
     titles = [t.split("<INP>")[1].split("<RES>")[0] for t in texts]
-    assert titles and not any(is_test_title(t, 0.3) for t in titles)
+    assert titles and all(split_of(t, SplitSpec(0.2, 0.3)) == "train" for t in titles)
     assert len(titles) < 120  # some were held out
 
 

@@ -2,7 +2,8 @@ import json
 
 import pytest
 
-from poemdpo.data.corpus import CorpusError, clean_line, read_corpus
+from poemdpo.data.corpus import clean_line, read_corpus
+from poemdpo.errors import PoemDPOError
 
 
 def write(path, content):
@@ -87,7 +88,7 @@ def test_to_simplified(tmp_path):
 )
 def test_bad_input_names_file_and_poem(tmp_path, content, message):
     write(tmp_path / "poet.tang.5.json", content)
-    with pytest.raises(CorpusError) as error:
+    with pytest.raises(PoemDPOError) as error:
         read_corpus(tmp_path, progress=False)
     assert message in str(error.value)
     assert "poet.tang.5.json" in str(error.value)
@@ -102,7 +103,7 @@ def test_skip_bad_counts_and_keeps_the_rest(corpus_dir):
 
 
 def test_empty_or_missing_directory(tmp_path):
-    with pytest.raises(CorpusError, match="no corpus files"):
+    with pytest.raises(PoemDPOError, match="no corpus files"):
         read_corpus(tmp_path, progress=False)
-    with pytest.raises(CorpusError, match="does not exist"):
+    with pytest.raises(PoemDPOError, match="does not exist"):
         read_corpus(tmp_path / "nowhere", progress=False)

@@ -1,18 +1,28 @@
 import json
+import os
 import random
+import re
+import subprocess
+import sys
 from statistics import mean
 
 import datasets
 import pytest
+from test_generation import tiny_lm, tiny_tokenizer
 
 import build_dataset
 from conftest import make_corpus_poems
-from poemdpo.data.corpus import DEFAULT_CORPUS, Poem, read_corpus
+from poemdpo.data.corpus import Poem, read_corpus
 from poemdpo.data.dataset import build_preference_dataset
 from poemdpo.data.forms import classify
 from poemdpo.data.pairs import build_pairs, near_miss
 from poemdpo.data.prompts import build_prompt
 from poemdpo.data.rules import RULES, preferred
+from poemdpo.data.splits import SplitSpec, split_of
+from poemdpo.errors import PoemDPOError
+
+# The fixture corpora are small: hold out a fifth of the titles for each of validation and test.
+SPLITS = SplitSpec(validation_size=0.2, test_size=0.2)
 
 
 def poems(n=140, seed=0):
@@ -80,11 +90,11 @@ def test_near_miss_share_of_train_pairs(rule):
         build_pairs(poems(), rule, "random", 0, near_miss_share=1.5)
 
 
-def test_near_misses_stay_out_of_the_test_split():
-    dataset, stats = build_preference_dataset(poems(300), "five_char", "length_matched", near_miss_share=1.0)
-    assert set(dataset["test"]["rejected_source"]) == {"corpus"}
-    assert stats["near_miss_pairs"] == {"train": dataset["train"]["rejected_source"].count("near_miss"), "test": 0}
-    assert stats["near_miss_pairs"]["train"] == len(dataset["train"])
+def test_near_misses_stay_out_of_the_held_out_splits():
+    dataset, stats = build_preference_dataset(poems(300), "five_char", "length_matched", near_miss_share=1.0,
+                                              splits=SPLITS)
+    assert set(dataset["test"]["rejected_source"]) == set(dataset["validation"]["rejected_source"]) == {"corpus"}
+    assert stats["near_miss_pairs"] == {"train": len(dataset["train"]), "validation": 0, "test": 0}
 
 
 def test_every_preferred_poem_is_used_once():
@@ -94,50 +104,121 @@ def test_every_preferred_poem_is_used_once():
     assert sorted(r["chosen"] for r in rows) == preferred
 
 
-def test_split_is_by_title_and_pairs_stay_inside_their_split():
-    dataset, stats = build_preference_dataset(poems(400), test_size=0.2)
-    train, test = dataset["train"], dataset["test"]
-    assert len(test) > 0 and len(train) > len(test)
-    train_titles = set(train["title"]) | set(train["rejected_title"])
-    test_titles = set(test["title"]) | set(test["rejected_title"])
-    assert not train_titles & test_titles
-    assert stats["pairs"] == {"train": len(train), "test": len(test)}
+def test_three_splits_by_title_and_pairs_stay_inside_their_split():
+    dataset, stats = build_preference_dataset(poems(400), splits=SPLITS)
+    titles = {name: set(ds["title"]) | set(ds["rejected_title"]) for name, ds in dataset.items()}
+    assert set(dataset) == {"train", "validation", "test"} and all(len(ds) for ds in dataset.values())
+    assert not titles["train"] & titles["validation"] and not titles["train"] & titles["test"]
+    assert not titles["validation"] & titles["test"]
+    assert all(split_of(t, SPLITS) == name for name, found in titles.items() for t in found)
+    assert stats["pairs"] == {name: len(ds) for name, ds in dataset.items()}
+    assert stats["splits"] == SPLITS.to_dict()
+
+
+def test_test_titles_do_not_move_when_validation_grows():
+    pool = [f"題{i}" for i in range(3000)]
+    two_way = {t for t in pool if split_of(t, SplitSpec(0.0, 0.1)) == "test"}
+    assert two_way == {t for t in pool if split_of(t, SplitSpec(0.2, 0.1)) == "test"}
+    assert split_of("帝京篇十首 一", SPLITS) == split_of("帝京篇十首 二", SPLITS)  # a series stays together
+    with pytest.raises(PoemDPOError, match="validation_size"):
+        SplitSpec(1.2, 0.1)
 
 
 def test_same_seed_same_rows_other_seed_other_rows():
     pool = poems(400)
-    first, _ = build_preference_dataset(pool, seed=5, test_size=0.2)
+    first, _ = build_preference_dataset(pool, seed=5, splits=SPLITS)
     shuffled = pool[:]
     random.Random(9).shuffle(shuffled)  # reading order must not matter for the split
-    again, _ = build_preference_dataset(pool, seed=5, test_size=0.2)
-    other, _ = build_preference_dataset(pool, seed=6, test_size=0.2)
+    again, _ = build_preference_dataset(pool, seed=5, splits=SPLITS)
+    other, _ = build_preference_dataset(pool, seed=6, splits=SPLITS)
     assert first["train"].to_list() == again["train"].to_list()
     assert first["test"].to_list() == again["test"].to_list()
     assert first["train"].to_list() != other["train"].to_list()
-    split_of_shuffled, _ = build_preference_dataset(shuffled, seed=5, test_size=0.2)
+    split_of_shuffled, _ = build_preference_dataset(shuffled, seed=5, splits=SPLITS)
     assert set(split_of_shuffled["test"]["title"]) == set(first["test"]["title"])
 
 
 def test_split_without_pairs_is_a_clear_error():
     only_five = [p for p in poems() if classify(p.text).meter == "五言"]
-    with pytest.raises(ValueError, match="split has no pairs under rule 'five_char'"):
-        build_preference_dataset(only_five, test_size=0.2)
+    with pytest.raises(PoemDPOError, match="split has no pairs under rule 'five_char'"):
+        build_preference_dataset(only_five, splits=SPLITS)
 
 
-def test_cli_writes_loadable_dataset_and_stats(corpus_dir, tmp_path):
+def build(corpus_dir, out, *extra):
+    return build_dataset.main(["--corpus", str(corpus_dir), "--output_dir", str(out), "--validation_size", "0.2",
+                               "--test_size", "0.2", *extra])
+
+
+def test_cli_writes_a_hub_layout_dataset(corpus_dir, tmp_path):
     out = tmp_path / "pairs"
-    stats = build_dataset.main(["--corpus", str(corpus_dir), "--output_dir", str(out), "--test_size", "0.2",
-                                "--pairing", "length_matched"])
-    loaded = datasets.load_from_disk(str(out))
-    assert set(loaded) == {"train", "test"}
-    assert {"prompt", "chosen", "rejected"} <= set(loaded["train"].column_names)
-    rows = loaded["train"].to_list() + loaded["test"].to_list()
+    stats = build(corpus_dir, out, "--pairing", "length_matched")
+    files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert [re.sub(r"-[0-9a-f]{12}\.parquet$", ".parquet", f) for f in files] == [
+        "README.md", "data/test-00000-of-00001.parquet", "data/train-00000-of-00001.parquet",
+        "data/validation-00000-of-00001.parquet", "poems/test-00000-of-00001.parquet",
+        "poems/validation-00000-of-00001.parquet", "stats.json"]
+    # What load_dataset(dir) reads is what load_dataset(repo_id) reads after a push: the card's configs.
+    loaded = datasets.load_dataset(str(out))
+    assert set(loaded) == {"train", "validation", "test"}
+    rows = [r for split in loaded.values() for r in split]
     assert all(classify(r["chosen"]).meter == "五言" for r in rows)
     assert not any(classify(r["rejected"]).meter == "五言" for r in rows)
+    held_out = datasets.load_dataset(str(out), "poems")
+    assert set(held_out) == {"validation", "test"}
+    # Every poem of a held-out split is there, whatever its form: the evaluation samples titles from them.
+    assert set(held_out["test"]["meter"]) == {"五言", "七言", "杂言"}
+    assert set(held_out["test"]["title"]) >= set(loaded["test"]["title"]) | set(loaded["test"]["rejected_title"])
     written = json.loads((out / "stats.json").read_text(encoding="utf-8"))
-    assert written == stats
-    assert written["corpus"]["poems_read"] == 120
+    assert written == stats and written["corpus"]["poems_read"] == 120
     assert written["pairs"]["train"] == len(loaded["train"])
+    # Loading wrote no cache files into the stage's output.
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) == files
+    # A rebuild with other pairs loads as the new pairs, not as what the datasets cache kept of the old ones.
+    build(corpus_dir, out, "--pairing", "random", "--seed", "3")
+    again = datasets.load_dataset(str(out))
+    assert again["train"]["rejected"] != loaded["train"]["rejected"]
+    assert again["train"].to_list() == datasets.Dataset.from_parquet(
+        str(next((out / "data").glob("train-*.parquet")))).to_list()
+
+
+def test_a_killed_build_keeps_the_previous_dataset(corpus_dir, tmp_path, monkeypatch):
+    out = tmp_path / "pairs"
+    build(corpus_dir, out)
+    before = {p.name: p.read_bytes() for p in (out / "data").iterdir()}
+    calls = []
+
+    def dies_on_the_second_file(self, path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # what a Ctrl-C half-way through writing does
+        return original(self, path, *args, **kwargs)
+
+    original = datasets.Dataset.to_parquet
+    monkeypatch.setattr(datasets.Dataset, "to_parquet", dies_on_the_second_file)
+    with pytest.raises(KeyboardInterrupt):
+        build(corpus_dir, out, "--seed", "7")
+    assert {p.name: p.read_bytes() for p in (out / "data").iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "pairs"]  # no half-written leftovers
+
+
+def test_trl_own_cli_trains_on_the_directory(corpus_dir, tmp_path):
+    """`trl dpo --dataset_name <dir>`: TRL's stock script reads the directory as it reads a Hub dataset."""
+    out = tmp_path / "pairs"
+    build(corpus_dir, out)
+    tok = tiny_tokenizer()
+    tiny_lm(tok).save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    run = subprocess.run(
+        [sys.executable, "-c", "import sys; from trl.cli.main import main; sys.exit(main())", "dpo",
+         "--model_name_or_path", str(tmp_path / "model"), "--dataset_name", str(out), "--output_dir",
+         str(tmp_path / "trl_dpo"), "--max_steps", "2", "--per_device_train_batch_size", "2", "--use_cpu", "true",
+         "--bf16", "false", "--report_to", "none", "--save_strategy", "no", "--learning_rate", "1e-3",
+         "--activation_checkpointing", "false", "--eval_strategy", "no", "--logging_steps", "1"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert (tmp_path / "trl_dpo" / "model.safetensors").is_file()
+    assert "'rewards/margins'" in run.stdout + run.stderr
 
 
 def test_cli_bad_corpus_is_a_one_line_error(tmp_path):
@@ -152,13 +233,11 @@ def test_push_to_hub_offline_fails_fast_and_keeps_local_copy(corpus_dir, tmp_pat
     monkeypatch.setenv("HF_TOKEN", "hf_dummy")
     out = tmp_path / "pairs"
     with pytest.raises(SystemExit) as exit_info:
-        build_dataset.main(["--corpus", str(corpus_dir), "--output_dir", str(out), "--test_size", "0.2",
-                            "--push_to_hub", "someone/poems"])
+        build(corpus_dir, out, "--push_to_hub", "someone/poems")
     assert "could not push the dataset to the Hub as 'someone/poems'" in str(exit_info.value)
-    assert len(datasets.load_from_disk(str(out))["train"]) > 0
+    assert len(datasets.load_dataset(str(out))["train"]) > 0
 
 
-@pytest.mark.skipif(not DEFAULT_CORPUS.is_dir(), reason="the shared corpus is not beside this checkout")
 def test_real_corpus_reads_with_known_counts():
     _, stats = read_corpus(progress=False)
     assert stats.poems_read == 57607

@@ -12,11 +12,13 @@ from test_generation import tiny_lm, tiny_tokenizer
 from poemdpo.data.prompts import build_prompt
 from poemdpo.evaluation.metrics import (
     completion_logprobs,
+    counts_for_rule,
     degenerate_rate,
     distinct_n,
     dpo_reward_stats,
     form_distribution,
     loss_per_character,
+    mcnemar_exact,
     rate_of,
     score_completions,
     strict_five_rate,
@@ -144,19 +146,46 @@ def test_reward_stats_of_a_policy_equal_to_its_reference(tok, model):
     assert stats["mean_margin"] == 0.0 and stats["reward_accuracy"] == 0.0
 
 
-def test_reward_stats_match_their_definition(tok, model):
-    other = tiny_lm(tok, seed=1)
-    stats = dpo_reward_stats(other, model, tok, ROWS, beta=0.5, batch_size=3)
-    prompts = [r["prompt"] for r in ROWS]
-    chosen, rejected = [r["chosen"] for r in ROWS], [r["rejected"] for r in ROWS]
-    margins = 0.5 * (
-        (completion_logprobs(other, tok, prompts, chosen) - completion_logprobs(model, tok, prompts, chosen))
-        - (completion_logprobs(other, tok, prompts, rejected) - completion_logprobs(model, tok, prompts, rejected))
-    )
-    # Sums over different batch shapes round differently on different CPUs: compare at float32 precision.
-    assert stats["mean_margin"] == pytest.approx(margins.mean().item(), rel=1e-4, abs=1e-5)
-    assert stats["reward_accuracy"] == pytest.approx((margins > 0).double().mean().item())
-    assert stats["mean_margin"] != 0.0
+def test_reward_stats_equal_trl_own_on_one_batch(tok, model, tmp_path):
+    """The rewards the report prints are the ones DPO optimised: TRL's own eval metrics, ld_alpha included."""
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    policy = tiny_lm(tok, seed=1)
+    for ld_alpha in (None, 0.5):
+        ours = dpo_reward_stats(policy, model, tok, ROWS, beta=0.5, ld_alpha=ld_alpha, batch_size=3)
+        args = DPOConfig(output_dir=str(tmp_path), beta=0.5, ld_alpha=ld_alpha, loss_type=["sigmoid"],
+                         per_device_eval_batch_size=len(ROWS), report_to=[], use_cpu=True, bf16=False,
+                         max_length=256)
+        trainer = DPOTrainer(model=policy, ref_model=model, args=args, train_dataset=Dataset.from_list(ROWS),
+                             eval_dataset=Dataset.from_list(ROWS), processing_class=tok)
+        trl_metrics = trainer.evaluate()
+        # Float32 sums over different batch shapes round differently on different CPUs: compare at that precision.
+        for key, theirs in (("mean_chosen_reward", "eval_rewards/chosen"), ("mean_rejected_reward",
+                            "eval_rewards/rejected"), ("mean_margin", "eval_rewards/margins"),
+                            ("reward_accuracy", "eval_rewards/accuracies")):
+            assert ours[key] == pytest.approx(trl_metrics[theirs], rel=1e-4, abs=1e-4), (ld_alpha, key)
+    assert ours["mean_margin"] != 0.0
     # Swapping policy and reference flips every margin's sign.
-    swapped = dpo_reward_stats(model, other, tok, ROWS, beta=0.5)
-    assert swapped["mean_margin"] == pytest.approx(-stats["mean_margin"], rel=1e-4, abs=1e-5)
+    swapped = dpo_reward_stats(model, policy, tok, ROWS, beta=0.5, ld_alpha=0.5)
+    assert swapped["mean_margin"] == pytest.approx(-ours["mean_margin"], rel=1e-4, abs=1e-5)
+
+
+def test_strict_counting_needs_eos_and_an_even_number_of_lines():
+    assert counts_for_rule(FIVE_JUEJU, True, "five_char")
+    assert not counts_for_rule(FIVE_JUEJU, False, "five_char")  # cut off at the token limit
+    assert not counts_for_rule("山水風月雲。", True, "five_char")  # one line
+    assert not counts_for_rule("山水風月雲，\n江河長城空，\n白青紅金玉。", True, "five_char")  # three lines
+    assert not counts_for_rule(SEVEN_JUEJU, True, "five_char") and counts_for_rule(SEVEN_JUEJU, True, "seven_char")
+    assert counts_for_rule("「山水風月雲」，\n江河長城空。", True, "five_char")  # brackets are not characters
+
+
+def test_mcnemar_exact_known_values():
+    # 5 discordant pairs all one way: two-sided p = 2 / 2**5.
+    test = mcnemar_exact([True] * 5 + [True, False] * 3, [False] * 5 + [True, False] * 3)
+    assert (test["a_only"], test["b_only"]) == (5, 0) and test["p_value"] == pytest.approx(0.0625)
+    assert mcnemar_exact([True, False], [True, False])["p_value"] == 1.0  # no discordant pair
+    balanced = mcnemar_exact([True, False] * 4, [False, True] * 4)
+    assert balanced["p_value"] == 1.0 and balanced["a_only"] == balanced["b_only"] == 4
+    with pytest.raises(ValueError):
+        mcnemar_exact([True], [True, False])

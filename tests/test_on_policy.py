@@ -17,19 +17,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from datasets import load_from_disk
+from datasets import load_dataset
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import build_dataset
 from conftest import make_corpus_poems
 from poemdpo.data.corpus import read_corpus
-from poemdpo.data.dataset import STATS_FILE, build_preference_dataset, split_poems
+from poemdpo.data.dataset import STATS_FILE, build_preference_dataset
 from poemdpo.data.forms import classify, is_degenerate
 from poemdpo.data.on_policy import choose_titles, load_sampler, with_on_policy_train
 from poemdpo.data.pairs import DEFAULT_PAIRING
 from poemdpo.data.prompts import build_prompt
 from poemdpo.data.rules import preferred
-from poemdpo.data.splits import DEFAULT_SPLIT_SEED, is_test_title
+from poemdpo.data.splits import SplitSpec, split_of, split_poems
+
+SPLITS = SplitSpec(validation_size=0.2, test_size=0.2)
 from poemdpo.models.generation import DEFAULT_MAX_NEW_TOKENS, generate_poems
 from poemdpo.models.tokenizer import train_char_tokenizer
 
@@ -95,17 +97,17 @@ def built(tmp_path_factory):
     (root / "corpus" / "poet.tang.0.json").write_text(json.dumps(make_corpus_poems(200), ensure_ascii=False))
     model_dir = write_model(root / "poet")
     build_dataset.main([
-        "--corpus", str(root / "corpus"), "--output_dir", str(root / "pairs"), "--test_size", "0.2",
+        "--corpus", str(root / "corpus"), "--output_dir", str(root / "pairs"), "--validation_size", "0.2", "--test_size", "0.2",
         "--seed", str(SEED), "--on_policy_model", model_dir, "--on_policy_samples", str(K),
         "--on_policy_titles", str(TITLES), "--on_policy_batch_size", str(BATCH),
     ])  # fmt: skip
     stats = json.loads((root / "pairs" / STATS_FILE).read_text(encoding="utf-8"))
-    return root, model_dir, load_from_disk(str(root / "pairs")), stats
+    return root, model_dir, load_dataset(str(root / "pairs")), stats
 
 
 def sampled_titles(root: Path) -> list[str]:
     poems, _ = read_corpus(root / "corpus")
-    return choose_titles(split_poems(poems, 0.2, DEFAULT_SPLIT_SEED)["train"], TITLES, SEED)
+    return choose_titles(split_poems(poems, SPLITS)["train"], TITLES, SEED)
 
 
 def model_samples(root: Path, model_dir: str, max_new_tokens: int) -> dict[str, list[str]]:
@@ -165,11 +167,11 @@ def test_test_split_is_the_corpus_test_split(built):
     root, _, dataset, _ = built
     poems, corpus_stats = read_corpus(root / "corpus")
     corpus, _ = build_preference_dataset(
-        poems, "five_char", DEFAULT_PAIRING, SEED, 0.2, DEFAULT_SPLIT_SEED, corpus_stats
+        poems, "five_char", DEFAULT_PAIRING, SEED, SPLITS, corpus_stats
     )
     assert dataset["test"].to_list() == corpus["test"].to_list()
     assert dataset["train"].column_names == corpus["train"].column_names
-    assert not any(is_test_title(t, 0.2) for t in dataset["train"]["title"])
+    assert all(split_of(t, SPLITS) == "train" for t in dataset["train"]["title"])
 
 
 def test_stats_record_the_on_policy_train_split(built):
@@ -196,7 +198,7 @@ def test_same_seed_same_pairs_other_seed_other_pairs(built):
     model, tokenizer = load_sampler(model_dir)
 
     def build(seed: int) -> list[dict]:
-        train = split_poems(poems, 0.2, DEFAULT_SPLIT_SEED)["train"]
+        train = split_poems(poems, SPLITS)["train"]
         rebuilt, _ = with_on_policy_train(
             corpus,
             corpus_stats,
@@ -231,7 +233,7 @@ def test_bad_model_is_a_clear_error(tmp_path, corpus_dir, case, message):
         positions = 12 if case == "no_room" else MAX_POSITIONS
         write_model(path, positions, with_tokenizer=case != "no_tokenizer")
     argv = [
-        "--corpus", str(corpus_dir), "--output_dir", str(tmp_path / "pairs"), "--test_size", "0.2",
+        "--corpus", str(corpus_dir), "--output_dir", str(tmp_path / "pairs"), "--validation_size", "0.2", "--test_size", "0.2",
         "--on_policy_model", str(path), "--on_policy_samples", "1" if case == "one_sample" else "4",
     ]  # fmt: skip
     with pytest.raises(SystemExit) as exit_info:

@@ -11,6 +11,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from poemdpo.data.forms import split_lines
+from poemdpo.errors import PoemDPOError
 
 # The Tang corpus ships with the project (corpus/README.md: upstream commit and licence).
 DEFAULT_CORPUS = Path(__file__).resolve().parents[2] / "corpus" / "quan-tang-shi"
@@ -34,8 +35,6 @@ LONGEST_VERSE_LINE_WITH_BOOK_TITLE = 7
 _CJK = re.compile(r"[\u3400-\u9fff\U00020000-\U0002ffff]")
 
 
-class CorpusError(ValueError):
-    """A corpus file or poem that cannot be read; the message names the file and poem index."""
 
 
 @dataclass(frozen=True)
@@ -88,10 +87,10 @@ def corpus_files(path: str | Path) -> list[Path]:
     if path.is_file():
         return [path]
     if not path.is_dir():
-        raise CorpusError(f"corpus path {str(path)!r} does not exist")
+        raise PoemDPOError(f"corpus path {str(path)!r} does not exist")
     files = sorted(f for pattern in CORPUS_GLOBS for f in path.glob(pattern))
     if not files:
-        raise CorpusError(
+        raise PoemDPOError(
             f"no corpus files ({' or '.join(CORPUS_GLOBS)}) in directory {str(path)!r}; "
             "give --corpus a clone of chinese-poetry's 全唐诗 folder or one of its JSON files"
         )
@@ -100,18 +99,18 @@ def corpus_files(path: str | Path) -> list[Path]:
 
 def _parse_poem(raw: object, where: str) -> tuple[str, str, list[str]]:
     if not isinstance(raw, dict):
-        raise CorpusError(f"{where}: a poem must be a JSON object, got {type(raw).__name__}")
+        raise PoemDPOError(f"{where}: a poem must be a JSON object, got {type(raw).__name__}")
     for key in ("title", "paragraphs"):
         if key not in raw:
-            raise CorpusError(f"{where}: poem has no {key!r} field")
+            raise PoemDPOError(f"{where}: poem has no {key!r} field")
     title, paragraphs = raw["title"], raw["paragraphs"]
     if not isinstance(title, str):
-        raise CorpusError(f"{where}: 'title' must be a string, got {type(title).__name__}")
+        raise PoemDPOError(f"{where}: 'title' must be a string, got {type(title).__name__}")
     if not isinstance(paragraphs, list):
-        raise CorpusError(f"{where}: 'paragraphs' must be a list, got {type(paragraphs).__name__}")
+        raise PoemDPOError(f"{where}: 'paragraphs' must be a list, got {type(paragraphs).__name__}")
     for i, line in enumerate(paragraphs):
         if not isinstance(line, str):
-            raise CorpusError(f"{where}: paragraphs[{i}] must be a string, got {type(line).__name__}")
+            raise PoemDPOError(f"{where}: paragraphs[{i}] must be a string, got {type(line).__name__}")
     return title, str(raw.get("author", "")), paragraphs
 
 
@@ -123,7 +122,7 @@ def read_corpus(
 ) -> tuple[list[Poem], CorpusStats]:
     """Read, clean and deduplicate every poem under `path` (a directory or one JSON file).
 
-    Bad input raises `CorpusError` naming the file and poem index; with `skip_bad` it is
+    Bad input raises `PoemDPOError` naming the file and poem index; with `skip_bad` it is
     counted in `stats.dropped` instead.
     """
     convert = _simplifier() if to_simplified else (lambda s: s)
@@ -137,13 +136,13 @@ def read_corpus(
             with open(file, encoding="utf-8") as f:
                 raws = json.load(f)
             if not isinstance(raws, list):
-                raise CorpusError(f"{file}: expected a JSON array of poems, got {type(raws).__name__}")
+                raise PoemDPOError(f"{file}: expected a JSON array of poems, got {type(raws).__name__}")
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             if not skip_bad:
-                raise CorpusError(f"{file}: not a valid JSON file ({e})") from None
+                raise PoemDPOError(f"{file}: not a valid JSON file ({e})") from None
             stats.dropped["bad_file"] += 1
             continue
-        except CorpusError:
+        except PoemDPOError:
             if not skip_bad:
                 raise
             stats.dropped["bad_file"] += 1
@@ -153,7 +152,7 @@ def read_corpus(
             where = f"{file}, poem #{index}"
             try:
                 title, author, paragraphs = _parse_poem(raw, where)
-            except CorpusError:
+            except PoemDPOError:
                 if not skip_bad:
                     raise
                 stats.dropped["bad_poem"] += 1

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 LINE_BREAKS = "，。？！；：、,.?!;:\n"
 _SPLIT = re.compile("[" + re.escape(LINE_BREAKS) + "]+")
 PUNCTUATION = set(LINE_BREAKS) | set("「」『』《》（）()〈〉…·—")
+# Marks inside a line that are not characters of the verse: quotation and book-title brackets, spaces.
+_NOT_CHARACTERS = re.compile(r"[「」『』《》〈〉（）()…·—\s]")
 
 
 @dataclass(frozen=True)
@@ -46,8 +48,10 @@ class Form:
 
 
 def split_lines(text: str) -> list[str]:
-    """Verse lines of a poem: the text between line-ending punctuation and newlines."""
-    return [line.strip() for line in _SPLIT.split(text) if line.strip()]
+    """Verse lines of a poem: the text between line-ending punctuation and newlines, without the brackets
+    and spaces inside a line (「春眠不覺曉」 is a five-character line)."""
+    lines = (_NOT_CHARACTERS.sub("", line) for line in _SPLIT.split(text))
+    return [line for line in lines if line]
 
 
 def classify(text: str) -> Form:
@@ -57,10 +61,6 @@ def classify(text: str) -> Form:
 def is_strict_five(text: str) -> bool:
     """Strict 五言: at least one line, and every line exactly 5 characters."""
     return classify(text).meter == "五言"
-
-
-def is_strict_seven(text: str) -> bool:
-    return classify(text).meter == "七言"
 
 
 def is_well_formed(text: str) -> bool:

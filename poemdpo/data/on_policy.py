@@ -23,6 +23,7 @@ from poemdpo.data.corpus import Poem
 from poemdpo.data.forms import classify, is_degenerate
 from poemdpo.data.pairs import DEFAULT_PAIRING, build_pairs
 from poemdpo.data.rules import preferred
+from poemdpo.errors import PoemDPOError
 from poemdpo.models.generation import DEFAULT_MAX_NEW_TOKENS, default_max_new_tokens, generate_poems
 
 DEFAULT_SAMPLES = 4
@@ -32,7 +33,7 @@ DEFAULT_BATCH_SIZE = 64
 TEMPERATURE = 1.0
 
 
-class OnPolicyError(ValueError):
+class OnPolicyError(PoemDPOError):
     """A model that cannot be sampled from, or samples that give no pairs; build_dataset.py reports it."""
 
 

@@ -1,115 +1,145 @@
-"""Evaluate an aligned model against its reference: sampled forms, held-out loss, DPO rewards, report.
+"""Evaluate an aligned model against its reference, by a protocol a skeptic accepts.
 
-`evaluate(model_dir, ...)` runs everything and returns the report as a dict; `evaluate.py` is its CLI.
+- Titles: a seeded random sample of the **test** split's titles (validation for recipe choices), drawn from all
+  its poems whatever their form, K poems per title and per sampling seed; results overall and by the form of
+  the title's own poem (a title whose poem is 七言 is the harder prompt for a 五言 rule).
+- Strict counting (`metrics.counts_for_rule`): a poem counts only if it finished with eos, has an even number of
+  at least two lines and meets the rule; the unfinished rate is reported on its own.
+- Uncertainty: Wilson intervals on pooled counts; an exact McNemar test of aligned against reference on the same
+  title and sample slots; `evaluate.py --compare A B` the same test between two evaluations.
+- The report follows the rule: held-out loss per character on the poems the rule prefers and on the others; DPO
+  rewards computed as the recipe computed them (β and `ld_alpha` from the model's `poemdpo.json`).
+Nothing in a model directory is executed: run settings come from plain JSON, never the Trainer's pickles.
 """
 
 from __future__ import annotations
 
 import json
-import re
+import random
 import time
+from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
-from datasets import Dataset, DatasetDict, load_from_disk
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from datasets import Dataset
 
-from poemdpo.data.forms import is_strict_five
-from poemdpo.data.prompts import build_prompt
+from poemdpo.data.dataset import HELD_OUT, load_held_out_poems, load_pairs_dir
+from poemdpo.data.forms import classify
+from poemdpo.data.prompts import CHAPTER_TITLES, conversational
+from poemdpo.data.rules import RULES, preferred
+from poemdpo.data.splits import SplitSpec, check_same_splits
+from poemdpo.errors import PoemDPOError
 from poemdpo.evaluation.metrics import (
+    METERS,
+    counts_for_rule,
     degenerate_rate,
     distinct_n,
     dpo_reward_stats,
     form_distribution,
     loss_per_character,
+    mcnemar_exact,
+    rate_with_interval,
     well_formed_rate,
-    wilson_interval,
 )
 from poemdpo.evaluation.plots import plot_form_distribution, plot_training_rewards
-from poemdpo.models.generation import default_max_new_tokens, generate_poems
+from poemdpo.evaluation.tables import markdown_table
+from poemdpo.models.generation import default_max_new_tokens, generate_samples, overridden_settings
+from poemdpo.models.loading import check_model_path, load_for_inference, looks_local
+from poemdpo.run_info import read_run_info
 
-DEFAULT_BETA = 0.1  # TRL's DPOConfig default, used when the model dir records none
+DEFAULT_BETA = 0.1  # TRL's DPOConfig default, used when the model records none
 TRAINER_STATE = "trainer_state.json"
-TRAINING_ARGS = "training_args.bin"
-
-
-class EvaluationError(ValueError):
-    """A bad input (missing directory or file, empty split): the CLI prints it and exits."""
+POEMS_FILE = "poems.jsonl"
 
 
 @dataclass
 class EvalArguments:
-    model: str = field(metadata={"help": "Directory of the aligned model (as saved by train_dpo.py)."})
+    model: str | None = field(
+        default=None, metadata={"help": "The aligned model: a directory saved by train_dpo.py, or a Hub id."}
+    )
     reference: str | None = field(
         default=None,
-        metadata={"help": "Directory of the reference (pre-DPO) model. Default: the base model recorded in the "
-                  "aligned model's adapter_config.json, config.json or model card, if it is an existing directory."},
+        metadata={"help": "The reference (pre-alignment) model, directory or Hub id. Default: the base model "
+                  "recorded in the aligned model's poemdpo.json, adapter_config.json or model card."},
     )
     dataset: str = field(
-        default="data/pairs_five_char", metadata={"help": "DatasetDict directory written by build_dataset.py."}
+        default="data/pairs_five_char", metadata={"help": "Dataset directory written by build_dataset.py."}
     )
-    split: str = field(default="test", metadata={"help": "Held-out split: its titles, poems and pairs are used."})
+    split: str = field(
+        default="test",
+        metadata={"help": "Held-out split to sample titles from and score poems and pairs of. test for the "
+                  "headline; validation for every recipe choice.", "choices": list(HELD_OUT)},
+    )
+    rule: str | None = field(
+        default=None,
+        metadata={"help": "The rule to count (default: the aligned model's recorded rule, else the dataset's, else "
+                  "five_char).", "choices": sorted(RULES)},
+    )
+    num_titles: int = field(default=300, metadata={"help": "Titles drawn at random from the split's titles."})
+    poems_per_title: int = field(default=4, metadata={"help": "Poems sampled per title and seed (K)."})
+    seeds: int = field(default=1, metadata={"help": "Sampling seeds: seed, seed+1, ...; counts are pooled."})
+    seed: int = field(default=0, metadata={"help": "First sampling seed (both models use the same seeds)."})
+    title_seed: int = field(default=0, metadata={"help": "Seed of the title sample (same titles for every seed)."})
     titles: str | None = field(
-        default=None, metadata={"help": "Optional text file with one title per line, used with the split's titles."}
+        default=None,
+        metadata={"help": "A text file of titles, one per line, sampled for instead of the split's (e.g. titles "
+                  "from outside the corpus). Their own poems are unknown, so there is no breakdown by form."},
     )
-    titles_mode: str = field(
-        default="add",
-        metadata={"help": "add: the file's titles first, then the split's; replace: the file's titles only.",
-                  "choices": ["add", "replace"]},
-    )
-    num_titles: int = field(
-        default=300, metadata={"help": "How many titles to sample a poem for (split titles sorted by code point)."}
-    )
-    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (plain sampling, no top-k/p)."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (plain sampling)."})
     max_new_tokens: int | None = field(
         default=None,
-        metadata={"help": "Longest poem sampled, in tokens. Default: each model's generation_config.max_new_tokens "
-                  "(else 128), fewer where prompt plus poem would pass its context. A poem cut short counts "
-                  "as not well-formed, so a cap below the corpus's long poems would be measured as bad form."},
+        metadata={"help": "Longest poem, in tokens. Default: each model's generation_config.max_new_tokens, cut "
+                  "where prompt plus poem would pass its context. A poem that reaches it is unfinished."},
     )
     batch_size: int = field(default=64, metadata={"help": "Batch size for sampling and for scoring."})
-    seed: int = field(default=0, metadata={"help": "Sampling seed (both models use the same one)."})
     beta: float | None = field(
         default=None,
-        metadata={"help": f"DPO beta for the implicit rewards. Default: the beta in the model's saved training "
-                  f"args ({TRAINING_ARGS}), else {DEFAULT_BETA}."},
+        metadata={"help": f"DPO β for the implicit rewards. Default: the one in the model's poemdpo.json, else "
+                  f"{DEFAULT_BETA}."},
     )
     max_eval_pairs: int | None = field(
-        default=None, metadata={"help": "Score only the first N pairs / poems of the split (default: all)."}
+        default=1000, metadata={"help": "Score the first N pairs of the split for rewards (all if unset)."}
+    )
+    max_held_out_poems: int | None = field(
+        default=1000, metadata={"help": "Score the first N preferred and N other held-out poems for loss."}
     )
     max_length: int | None = field(
         default=None,
-        metadata={"help": "Longest scored sequence in tokens, cut at the end like TRL's keep_start "
-                  "(default: the models' max_position_embeddings)."},
+        metadata={"help": "Longest scored sequence in tokens, cut at the end like TRL's keep_start (default: the "
+                  "models' max_position_embeddings)."},
     )
     num_samples: int = field(default=10, metadata={"help": "Titles shown side by side in report.md."})
     output_dir: str | None = field(
         default=None, metadata={"help": "Where to write the report (default: <model>/eval)."}
+    )
+    device: str | None = field(default=None, metadata={"help": "cuda or cpu (default: cuda when present)."})
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Let transformers run code shipped with a Hub model. Off unless you pass it."}
+    )
+    compare: list[str] | None = field(
+        default=None,
+        metadata={"help": "Two evaluation directories (or report.json files) of runs with the same titles, seeds "
+                  "and K: prints the exact McNemar test of their aligned models instead of evaluating.",
+                  "nargs": 2},
     )
 
 
 # --- inputs -------------------------------------------------------------------------------------
 
 
-def _check_model_dir(path: str, what: str) -> Path:
-    directory = Path(path)
-    if not directory.is_dir():
-        raise EvaluationError(f"{what} directory {path!r} does not exist")
-    if not any((directory / f).is_file() for f in ("config.json", "adapter_config.json")):
-        raise EvaluationError(f"{what} directory {path!r} holds no config.json or adapter_config.json")
-    return directory
-
-
-def recorded_base_model(model_dir: str | Path) -> str | None:
-    """The base model the aligned model was trained from, as recorded by PEFT, transformers or the model card."""
-    model_dir = Path(model_dir)
-    for name, key in (("adapter_config.json", "base_model_name_or_path"), ("config.json", "_name_or_path")):
-        if (model_dir / name).is_file():
-            value = json.loads((model_dir / name).read_text(encoding="utf-8")).get(key)
-            if value:
-                return value
-    card = model_dir / "README.md"
+def recorded_base_model(model: str) -> str | None:
+    """The base model the aligned model was trained from: poemdpo.json, PEFT's adapter config, or the model card."""
+    base = read_run_info(model).get("base_model")
+    if base:
+        return base
+    directory = Path(model)
+    if (directory / "adapter_config.json").is_file():
+        base = json.loads((directory / "adapter_config.json").read_text(encoding="utf-8")).get(
+            "base_model_name_or_path"
+        )
+        if base:
+            return base
+    card = directory / "README.md"
     if card.is_file():
         from huggingface_hub import ModelCard
 
@@ -124,245 +154,302 @@ def resolve_reference(args: EvalArguments) -> str:
     if args.reference:
         return args.reference
     base = recorded_base_model(args.model)
-    if base and Path(base).is_dir():
+    if base and (Path(base).is_dir() or not looks_local(base)):
         return base
-    raise EvaluationError(
+    raise PoemDPOError(
         f"--reference is required: the base model recorded in {args.model!r} is "
         + (f"{base!r}, which is not a local directory" if base else "missing")
     )
 
 
-def checkpoint_dirs(model_dir: str | Path) -> list[Path]:
-    """checkpoint-* subdirectories, latest step last."""
-    found = [p for p in Path(model_dir).glob("checkpoint-*") if p.is_dir() and re.fullmatch(r"checkpoint-\d+", p.name)]
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
-
-
-def find_training_file(model_dir: str | Path, name: str) -> Path | None:
-    """`name` in the model dir, else in its latest checkpoint that has it."""
-    for directory in [Path(model_dir), *reversed(checkpoint_dirs(model_dir))]:
-        if (directory / name).is_file():
-            return directory / name
-    return None
-
-
-def resolve_beta(args: EvalArguments) -> tuple[float, str]:
+def resolve_training_settings(args: EvalArguments, info: dict) -> dict:
+    """β and ld_alpha as the run trained with them, from its poemdpo.json (or --beta)."""
     if args.beta is not None:
-        return args.beta, "--beta"
-    path = find_training_file(args.model, TRAINING_ARGS)
-    if path is not None:
-        # A pickled DPOConfig that our own training run wrote, hence weights_only=False.
-        saved = torch.load(path, weights_only=False)
-        if getattr(saved, "beta", None) is not None:
-            return float(saved.beta), str(path)
-    return DEFAULT_BETA, "default"
+        return {"beta": args.beta, "ld_alpha": info.get("ld_alpha"), "source": "--beta"}
+    if info.get("beta") is not None:
+        return {"beta": float(info["beta"]), "ld_alpha": info.get("ld_alpha"), "source": "poemdpo.json"}
+    return {"beta": DEFAULT_BETA, "ld_alpha": None, "source": "default (the model records none)"}
 
 
-def load_split(args: EvalArguments) -> Dataset:
-    if not Path(args.dataset).is_dir():
-        raise EvaluationError(
-            f"dataset directory {args.dataset!r} does not exist; build it with: "
-            f"python build_dataset.py --output_dir {args.dataset}"
-        )
-    try:
-        dataset = load_from_disk(args.dataset)
-    except FileNotFoundError as e:
-        raise EvaluationError(f"dataset directory {args.dataset!r} holds no saved dataset ({e})") from None
-    if not isinstance(dataset, DatasetDict) or args.split not in dataset:
-        raise EvaluationError(f"dataset {args.dataset!r} has no {args.split!r} split")
-    return dataset[args.split]
-
-
-def select_titles(args: EvalArguments, split: Dataset) -> list[str]:
-    """File titles (if any) then the split's unique titles in code-point order, deduplicated, cut at num_titles."""
-    from_file: list[str] = []
-    if args.titles:
-        path = Path(args.titles)
-        if not path.is_file():
-            raise EvaluationError(f"titles file {args.titles!r} does not exist")
-        from_file = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    from_split = sorted(set(split["title"])) if args.titles_mode == "add" or not args.titles else []
-    titles = list(dict.fromkeys(from_file + from_split))[: args.num_titles]
+def read_titles_file(path: str) -> list[str]:
+    file = Path(path)
+    if not file.is_file():
+        raise PoemDPOError(f"titles file {path!r} does not exist")
+    titles = list(dict.fromkeys(line.strip() for line in file.read_text(encoding="utf-8").splitlines()))
+    titles = [t for t in titles if t]
     if not titles:
-        raise EvaluationError("no titles to sample poems for")
+        raise PoemDPOError(f"titles file {path!r} holds no titles")
     return titles
 
 
-def held_out_poems(split: Dataset, limit: int | None) -> dict[str, tuple[list[str], list[str]]]:
-    """(prompts, poems) of the split's 五言 poems (chosen column) and other poems (rejected column).
-
-    Each poem is paired with its own title (a rejected poem with `rejected_title`, not the pair's
-    prompt) and counted once, though a rejected poem can sit in several pairs.
-    """
-    groups = {"five": ("title", "chosen"), "other": ("rejected_title", "rejected")}
-    result = {}
-    for name, (title_col, poem_col) in groups.items():
-        unique = list(dict.fromkeys(zip(split[title_col], split[poem_col], strict=True)))[:limit]
-        result[name] = ([build_prompt(t) for t, _ in unique], [p for _, p in unique])
-    return result
+def title_forms(poems: Dataset) -> dict[str, str]:
+    """Each title's form: the meter of its poem (the first one, when several poems share a title)."""
+    forms: dict[str, str] = {}
+    for title, meter in zip(poems["title"], poems["meter"], strict=True):
+        forms.setdefault(title, meter)
+    return forms
 
 
-def load_model(path: str):
-    """A causal LM and its tokenizer from a directory; a PEFT adapter dir loads onto its base model."""
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    return model.eval(), AutoTokenizer.from_pretrained(path)
+def draw_titles(forms: dict[str, str], n: int, seed: int) -> list[str]:
+    """`n` titles drawn at random (seeded) from the split's sorted titles: every title equally likely."""
+    if n < 1:
+        raise PoemDPOError(f"num_titles must be at least 1, got {n}")
+    titles = sorted(forms)
+    return random.Random(seed).sample(titles, min(n, len(titles)))
+
+
+def scoring_rows(chat: bool, titles: list[str], completions: list[str]) -> tuple[list, list]:
+    """Prompts and completions as the model was trained on them: the instruction format, or chat turns."""
+    if chat:
+        return ([conversational(t) for t in titles],
+                [[{"role": "assistant", "content": c}] for c in completions])
+    from poemdpo.data.prompts import build_prompt
+
+    return [build_prompt(t) for t in titles], list(completions)
 
 
 # --- metrics ------------------------------------------------------------------------------------
 
 
-def sample_metrics(poems: list[str]) -> dict:
-    n = len(poems)
-    successes = sum(is_strict_five(p) for p in poems)
-    low, high = wilson_interval(successes, n)
-    return {
-        "n_poems": n,
-        "strict_five": {"count": successes, "rate": successes / n, "ci95": [low, high]},
-        "well_formed_rate": well_formed_rate(poems),
-        "degenerate_rate": degenerate_rate(poems),
-        "distinct_1": distinct_n(poems, 1),
-        "distinct_2": distinct_n(poems, 2),
-        "form_distribution": form_distribution(poems),
+def sample_metrics(records: list[dict], rule: str, by_form: bool) -> dict:
+    """Rates over one model's sampled poems (dicts with text, finished, counts, seed, title_form)."""
+    texts = [r["text"] for r in records]
+    result = {
+        "n_poems": len(records),
+        "rule_rate": rate_with_interval(sum(r["counts"] for r in records), len(records)),
+        "unfinished": rate_with_interval(sum(not r["finished"] for r in records), len(records)),
+        "well_formed_rate": well_formed_rate(texts),
+        "degenerate_rate": degenerate_rate(texts),
+        "distinct_1": distinct_n(texts, 1),
+        "distinct_2": distinct_n(texts, 2),
+        "form_distribution": form_distribution(texts),
+        "by_seed": {},
     }
+    for seed in sorted({r["seed"] for r in records}):
+        mine = [r for r in records if r["seed"] == seed]
+        result["by_seed"][str(seed)] = rate_with_interval(sum(r["counts"] for r in mine), len(mine))
+    if by_form:
+        result["by_title_form"] = {}
+        for meter in METERS:
+            mine = [r for r in records if r["title_form"] == meter]
+            if mine:
+                result["by_title_form"][meter] = rate_with_interval(sum(r["counts"] for r in mine), len(mine))
+    return result
 
 
-def loss_metrics(model, tokenizer, held_out: dict, args: EvalArguments, max_length: int | None) -> dict:
-    return {
-        f"loss_per_char_{name}": loss_per_character(
-            model, tokenizer, prompts, poems, args.batch_size, max_length=max_length, progress=True,
+def held_out_loss(model, tokenizer, chat: bool, poems: Dataset, rule: str, limit: int | None, batch_size: int,
+                  max_length: int) -> dict:
+    """Loss per character on the split's poems the rule prefers, and on the others, each under its own title."""
+    groups: dict[str, list[tuple[str, str]]] = {"preferred": [], "other": []}
+    for title, poem in zip(poems["title"], poems["poem"], strict=True):
+        groups["preferred" if preferred(poem, rule) else "other"].append((title, poem))
+    result = {}
+    for name, rows in groups.items():
+        rows = rows[:limit] if limit else rows
+        if not rows:
+            result[f"loss_per_char_{name}"], result[f"n_held_out_{name}"] = None, 0
+            continue
+        prompts, completions = scoring_rows(chat, [t for t, _ in rows], [p for _, p in rows])
+        result[f"loss_per_char_{name}"] = loss_per_character(
+            model, tokenizer, prompts, completions, batch_size, max_length=max_length, progress=True,
             desc=f"loss on {name} poems",
         )
-        for name, (prompts, poems) in held_out.items()
-    } | {f"n_held_out_{name}": len(poems) for name, (_, poems) in held_out.items()}
+        result[f"n_held_out_{name}"] = len(rows)
+    return result
 
 
-def training_log(model_dir: str) -> tuple[list[dict], str | None]:
-    path = find_training_file(model_dir, TRAINER_STATE)
-    if path is None:
+def training_log(model: str) -> tuple[list[dict], str | None]:
+    """The Trainer's log history (plain JSON) from the model dir or its latest checkpoint."""
+    directory = Path(model)
+    if not directory.is_dir():
         return [], None
-    return json.loads(path.read_text(encoding="utf-8")).get("log_history", []), str(path)
+    checkpoints = sorted((p for p in directory.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+                         key=lambda p: int(p.name.split("-")[-1]))
+    for candidate in [directory, *reversed(checkpoints)]:
+        path = candidate / TRAINER_STATE
+        if path.is_file():
+            return json.loads(path.read_text(encoding="utf-8")).get("log_history", []), str(path)
+    return [], None
 
 
 # --- report -------------------------------------------------------------------------------------
 
 
-def _cell(poem: str) -> str:
-    text = poem.strip().replace("|", "\\|").replace("\n", "<br>")
-    return text or "*(empty)*"
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
 
 
-def _pct(x: float) -> str:
-    return f"{100 * x:.1f}%"
+def _rate(r: dict) -> str:
+    return f"{_pct(r['rate'])} [{_pct(r['ci95'][0])}, {_pct(r['ci95'][1])}] ({r['count']}/{r['n']})"
+
+
+def _num(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
 
 
 def markdown_report(report: dict) -> str:
     aligned, reference = report["models"]["aligned"], report["models"]["reference"]
-
-    def five(m: dict) -> str:
-        s = m["strict_five"]
-        return f"{_pct(s['rate'])} [{_pct(s['ci95'][0])}, {_pct(s['ci95'][1])}]"
-
-    def shares(m: dict, *cells: tuple[str, str | None]) -> str:
-        dist = m["form_distribution"]
-        return " / ".join(_pct(dist["rates"][a][b] if b else dist["meter_rates"][a]) for a, b in cells)
-
     both = (aligned, reference)
+    rule, settings = report["rule"], report["settings"]
     rows = [
-        ("strict 五言 rate [95% Wilson CI]", five(aligned), five(reference)),
-        ("五言绝句 / 五言律诗", *(shares(m, ("五言", "绝句"), ("五言", "律诗")) for m in both)),
-        ("七言 / 杂言", *(shares(m, ("七言", None), ("杂言", None)) for m in both)),
-        ("well-formed rate", _pct(aligned["well_formed_rate"]), _pct(reference["well_formed_rate"])),
-        ("degenerate rate", _pct(aligned["degenerate_rate"]), _pct(reference["degenerate_rate"])),
-        ("distinct-1 / distinct-2", *(f"{m['distinct_1']:.3f} / {m['distinct_2']:.3f}" for m in (aligned, reference))),
-        ("held-out loss/char, 五言 poems", *(f"{m['loss_per_char_five']:.3f}" for m in (aligned, reference))),
-        ("held-out loss/char, other poems", *(f"{m['loss_per_char_other']:.3f}" for m in (aligned, reference))),
+        (f"{rule}, strict [95% Wilson CI]", *(_rate(m["rule_rate"]) for m in both)),
+        *((f"{rule}, titles whose own poem is {meter}", *(_rate(m["by_title_form"][meter]) for m in both))
+          for meter in METERS if meter in aligned.get("by_title_form", {})),
+        ("unfinished (no eos within the limit)", *(_rate(m["unfinished"]) for m in both)),
+        ("五言 / 七言 / 杂言", *(" / ".join(_pct(m["form_distribution"]["meter_rates"][x]) for x in METERS)
+                             for m in both)),
+        ("well-formed", *(_pct(m["well_formed_rate"]) for m in both)),
+        ("degenerate", *(_pct(m["degenerate_rate"]) for m in both)),
+        ("distinct-1 / distinct-2", *(f"{_num(m['distinct_1'])} / {_num(m['distinct_2'])}" for m in both)),
+        (f"held-out loss/char, poems {rule} prefers", *(_num(m["loss_per_char_preferred"]) for m in both)),
+        ("held-out loss/char, other poems", *(_num(m["loss_per_char_other"]) for m in both)),
     ]
-    rewards, settings = report["rewards"], report["settings"]
+    test = report["paired_test"]
+    rewards = report["rewards"]
     lines = [
         "# Evaluation report",
         "",
-        f"- aligned model: `{report['model']}`",
-        f"- reference model: `{report['reference']}`",
-        f"- dataset: `{report['dataset']}` (split `{settings['split']}`)",
-        f"- sampling: {settings['num_titles']} titles, temperature {settings['temperature']}, "
-        f"max_new_tokens {report['models']['aligned']['max_new_tokens']} (aligned) / "
-        f"{report['models']['reference']['max_new_tokens']} (reference), seed {settings['seed']}, no top-k/top-p",
+        f"- aligned model: `{report['model']}`; reference: `{report['reference']}`",
+        f"- titles: {report['titles_source']}; {settings['poems_per_title']} poems per title and seed, seeds "
+        f"{report['seeds']}, temperature {settings['temperature']}, plain sampling (no top-k/top-p/penalties"
+        + (f"; overrode the models' own {report['overridden_settings']}" if report["overridden_settings"] else "")
+        + ")",
+        f"- a poem counts only if it finished (eos), has an even number ≥ 2 of lines and meets `{rule}`",
         "",
-        "| metric | aligned | reference |",
-        "|---|---|---|",
-        *(f"| {name} | {a} | {r} |" for name, a, r in rows),
+        markdown_table(("metric", "aligned", "reference"), rows),
         "",
-        f"DPO implicit rewards on {rewards['n_pairs']} held-out pairs (β = {rewards['beta']}, from "
-        f"{settings['beta_source']}): reward accuracy **{_pct(rewards['reward_accuracy'])}**, "
-        f"mean margin **{rewards['mean_margin']:.3f}** (chosen {rewards['mean_chosen_reward']:.3f}, "
-        f"rejected {rewards['mean_rejected_reward']:.3f}).",
+        f"Aligned against reference on the same {test['n_pairs']} title/seed/sample slots (exact McNemar): aligned "
+        f"only {test['a_only']}, reference only {test['b_only']}, p = {test['p_value']:.3g}.",
         "",
-        "Loss per character = summed NLL of poem tokens and eos / poem characters (newlines and punctuation "
-        "included), each poem under its own title.",
+        f"DPO implicit rewards on {rewards['n_pairs']} {settings['split']} pairs, as the recipe computed them "
+        f"(β = {rewards['beta']}, ld_alpha = {rewards['ld_alpha']}, from {report['training_settings']['source']}): "
+        f"reward accuracy **{_pct(rewards['reward_accuracy'])}**, mean margin **{rewards['mean_margin']:.3f}** "
+        f"(chosen {rewards['mean_chosen_reward']:.3f}, rejected {rewards['mean_rejected_reward']:.3f}).",
+        "",
+        "Loss per character = summed NLL of the poem's tokens and eos / the poem's characters, each poem under "
+        "its own title, in the prompt format the model was trained with.",
         "",
         "## Plots",
         "",
     ]
     for name, plot in report["plots"].items():
         lines.append(f"![{name}]({plot})" if plot.endswith(".png") else f"- {name}: {plot}")
-    lines += ["", "## Sample poems", "", "| title | aligned | reference |", "|---|---|---|"]
-    lines += [f"| {_cell(s['title'])} | {_cell(s['aligned'])} | {_cell(s['reference'])} |" for s in report["samples"]]
+    lines += ["", "## Sample poems (the chapter's title first, not counted; then sampled titles, seed "
+              f"{report['seeds'][0]}, first poem)", ""]
+    lines.append(markdown_table(("title", "aligned", "reference"),
+                                [(s["title"], s["aligned"], s["reference"]) for s in report["samples"]]))
     return "\n".join(lines) + "\n"
 
 
 def headline(report: dict) -> str:
-    out = []
+    out = [f"{report['rule']} on {report['titles_source']}, strict counting:"]
     for name in ("aligned", "reference"):
         m = report["models"][name]
-        s = m["strict_five"]
         out.append(
-            f"{name:9s} strict 五言 {_pct(s['rate'])} [{_pct(s['ci95'][0])}, {_pct(s['ci95'][1])}]  "
-            f"degenerate {_pct(m['degenerate_rate'])}  distinct-2 {m['distinct_2']:.3f}  "
-            f"loss/char 五言 {m['loss_per_char_five']:.3f} other {m['loss_per_char_other']:.3f}"
+            f"{name:9s} {_rate(m['rule_rate'])}  unfinished {_pct(m['unfinished']['rate'])}  "
+            f"well-formed {_pct(m['well_formed_rate'])}  degenerate {_pct(m['degenerate_rate'])}  "
+            f"distinct-2 {_num(m['distinct_2'])}  loss/char preferred {_num(m['loss_per_char_preferred'])} "
+            f"other {_num(m['loss_per_char_other'])}"
         )
-    r = report["rewards"]
-    out.append(f"rewards   accuracy {_pct(r['reward_accuracy'])}  mean margin {r['mean_margin']:.3f}  (β={r['beta']})")
+    test, r = report["paired_test"], report["rewards"]
+    out.append(f"paired    aligned only {test['a_only']}, reference only {test['b_only']}, McNemar p = "
+               f"{test['p_value']:.3g}")
+    out.append(f"rewards   accuracy {_pct(r['reward_accuracy'])}  mean margin {r['mean_margin']:.3f}  "
+               f"(β={r['beta']}, ld_alpha={r['ld_alpha']})")
     return "\n".join(out)
 
 
 # --- the whole run ------------------------------------------------------------------------------
 
 
+def sample_records(model, tokenizer, titles: list[str], forms: dict[str, str], args: EvalArguments, rule: str,
+                   seeds: list[int], max_new_tokens: int) -> list[dict]:
+    records = []
+    prompts = [t for t in titles for _ in range(args.poems_per_title)]
+    for seed in seeds:
+        samples = generate_samples(
+            model, tokenizer, prompts, temperature=args.temperature, max_new_tokens=max_new_tokens,
+            batch_size=args.batch_size, seed=seed, progress=True,
+        )
+        for i, (title, sample) in enumerate(zip(prompts, samples, strict=True)):
+            records.append({
+                "title": title, "title_form": forms.get(title), "seed": seed, "k": i % args.poems_per_title,
+                "text": sample.text, "finished": sample.finished,
+                "counts": counts_for_rule(sample.text, sample.finished, rule),
+                "form": classify(sample.text).label,
+            })
+    return records
+
+
 def run(args: EvalArguments) -> dict:
     """Evaluate per `args`, write report.json / report.md / poems.jsonl / PNGs, return the report."""
     start = time.perf_counter()
-    _check_model_dir(args.model, "model")
-    args.reference = resolve_reference(args)
-    _check_model_dir(args.reference, "reference model")
-    split = load_split(args)
-    titles = select_titles(args, split)
-    beta, beta_source = resolve_beta(args)
+    if not args.model:
+        raise PoemDPOError("--model is required (the aligned model's directory or Hub id)")
+    if args.poems_per_title < 1 or args.seeds < 1 or args.batch_size < 1:
+        raise PoemDPOError("poems_per_title, seeds and batch_size must each be at least 1")
+    check_model_path(args.model, "aligned model")
+    info = read_run_info(args.model)
+    args.reference = check_model_path(resolve_reference(args), "reference model")
+    pairs, stats = load_pairs_dir(args.dataset) if Path(args.dataset).is_dir() else (None, {})
+    if pairs is None:
+        raise PoemDPOError(f"dataset directory {args.dataset!r} does not exist; build it with: python "
+                           f"build_dataset.py --output_dir {args.dataset}")
+    splits = SplitSpec.from_dict(stats.get("splits"))
+    for what, path in (("aligned model", args.model), ("reference model", args.reference)):
+        check_same_splits(splits, SplitSpec.from_dict(read_run_info(path).get("splits")),
+                          f"{what} {path!r}, evaluated on dataset {args.dataset!r},")
+    if args.split not in pairs:
+        raise PoemDPOError(f"dataset {args.dataset!r} has no {args.split!r} split; it has {sorted(pairs)}")
+    rule = args.rule or info.get("rule") or stats.get("rule") or "five_char"
+    poems = load_held_out_poems(args.dataset, args.split)
+    forms = title_forms(poems)
+    if args.titles:
+        titles, titles_source = read_titles_file(args.titles)[: args.num_titles], f"titles from {args.titles}"
+    else:
+        titles = draw_titles(forms, args.num_titles, args.title_seed)
+        titles_source = f"{len(titles)} random {args.split} titles (title seed {args.title_seed})"
+    seeds = list(range(args.seed, args.seed + args.seeds))
+    training = resolve_training_settings(args, info)
     output_dir = Path(args.output_dir or Path(args.model) / "eval")
     output_dir.mkdir(parents=True, exist_ok=True)
 
-    policy, policy_tok = load_model(args.model)
-    reference, reference_tok = load_model(args.reference)
+    policy, policy_tok = load_for_inference(args.model, device=args.device, trust_remote_code=args.trust_remote_code,
+                                            what="aligned model")
+    reference, reference_tok = load_for_inference(args.reference, device=args.device,
+                                                  trust_remote_code=args.trust_remote_code, what="reference model")
+    if len(policy_tok) != len(reference_tok) or policy_tok.get_vocab() != reference_tok.get_vocab():
+        raise PoemDPOError(
+            f"the aligned model {args.model!r} and the reference {args.reference!r} have different vocabularies "
+            f"({len(policy_tok)} and {len(reference_tok)} tokens): DPO rewards compare log-probs of the same tokens, "
+            "so the reference must be the model the aligned one was trained from"
+        )
+    chat = info.get("prompt_format") == "chat" or (
+        info.get("prompt_format") is None and bool(getattr(policy_tok, "chat_template", None))
+    )
     max_length = args.max_length or min(
         getattr(m.config, "max_position_embeddings", None) or 10**9 for m in (policy, reference)
     )
-    held_out = held_out_poems(split, args.max_eval_pairs)
-    models, poems = {}, {}
+
+    models, records, chapter = {}, {}, {}
     for name, model, tokenizer in (("aligned", policy, policy_tok), ("reference", reference, reference_tok)):
         print(f"evaluating the {name} model")
         max_new_tokens = default_max_new_tokens(model, args.max_new_tokens)
-        poems[name] = generate_poems(
-            model, tokenizer, titles, temperature=args.temperature, max_new_tokens=max_new_tokens,
-            batch_size=args.batch_size, seed=args.seed, progress=True,
-        )
+        records[name] = sample_records(model, tokenizer, titles, forms, args, rule, seeds, max_new_tokens)
+        chapter[name] = generate_samples(model, tokenizer, list(CHAPTER_TITLES), temperature=args.temperature,
+                                         max_new_tokens=max_new_tokens, seed=seeds[0])
         models[name] = (
-            sample_metrics(poems[name])
-            | loss_metrics(model, tokenizer, held_out, args, max_length)
+            sample_metrics(records[name], rule, by_form=not args.titles)
+            | held_out_loss(model, tokenizer, chat, poems, rule, args.max_held_out_poems, args.batch_size, max_length)
             | {"max_new_tokens": max_new_tokens}
         )
-    pairs = split.select(range(min(len(split), args.max_eval_pairs or len(split))))
-    rewards = dpo_reward_stats(
-        policy, reference, policy_tok, pairs, beta, batch_size=args.batch_size, max_length=max_length, progress=True
-    )
+    pair_rows = pairs[args.split].select(range(min(len(pairs[args.split]), args.max_eval_pairs or 10**9)))
+    prompts, chosen = scoring_rows(chat, pair_rows["title"], pair_rows["chosen"])
+    _, rejected = scoring_rows(chat, pair_rows["title"], pair_rows["rejected"])
+    rows = [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in zip(prompts, chosen, rejected, strict=True)]
+    rewards = dpo_reward_stats(policy, reference, policy_tok, rows, training["beta"], ld_alpha=training["ld_alpha"],
+                               batch_size=args.batch_size, max_length=max_length, progress=True)
+    paired = mcnemar_exact([r["counts"] for r in records["aligned"]], [r["counts"] for r in records["reference"]])
 
     plots = {"form distribution": plot_form_distribution(
         {k: m["form_distribution"] for k, m in models.items()}, output_dir / "form_distribution.png"
@@ -374,24 +461,38 @@ def run(args: EvalArguments) -> dict:
         else f"skipped: no {TRAINER_STATE} in {args.model} or its checkpoints"
     )
 
-    with (output_dir / "poems.jsonl").open("w", encoding="utf-8") as f:
-        for i, title in enumerate(titles):
-            row = {"title": title, **{name: poems[name][i] for name in poems}}
+    with (output_dir / POEMS_FILE).open("w", encoding="utf-8") as f:
+        for a, r in zip(records["aligned"], records["reference"], strict=True):
+            row = {key: a[key] for key in ("title", "title_form", "seed", "k")}
+            row |= {name: {key: rec[key] for key in ("text", "finished", "counts", "form")}
+                    for name, rec in (("aligned", a), ("reference", r))}
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    first = [(a, r) for a, r in zip(records["aligned"], records["reference"], strict=True)
+             if a["seed"] == seeds[0] and a["k"] == 0][: args.num_samples]
+    samples = [{"title": t, "aligned": chapter["aligned"][i].text, "reference": chapter["reference"][i].text,
+                "counted": False} for i, t in enumerate(CHAPTER_TITLES)]
+    samples += [{"title": a["title"], "aligned": a["text"], "reference": r["text"], "counted": True} for a, r in first]
     report = {
         "model": args.model,
         "reference": args.reference,
         "dataset": args.dataset,
-        "settings": asdict(args) | {
-            "beta": beta, "beta_source": beta_source, "max_length": max_length, "num_titles": len(titles),
-            "top_k": 0, "top_p": 1.0, "do_sample": True,
-        },
+        "rule": rule,
+        "splits": splits.to_dict() if splits else None,
+        "titles_source": titles_source,
+        "titles": titles,
+        "seeds": seeds,
+        "settings": asdict(args) | {"max_length": max_length, "top_k": 0, "top_p": 1.0, "do_sample": True},
+        "overridden_settings": {name: overridden_settings(m) for name, m in (("aligned", policy), ("reference",
+                                                                                                  reference))
+                                if overridden_settings(m)},
+        "training_settings": training,
+        "prompt_format": "chat" if chat else "instruction",
         "models": models,
+        "paired_test": paired,
         "rewards": rewards,
         "trainer_state": state_path,
         "plots": plots,
-        "samples": [{"title": t, "aligned": poems["aligned"][i], "reference": poems["reference"][i]}
-                    for i, t in enumerate(titles[: args.num_samples])],
+        "samples": samples,
         "seconds": round(time.perf_counter() - start, 1),
     }
     (output_dir / "report.json").write_text(json.dumps(report, ensure_ascii=False, indent=2), encoding="utf-8")
@@ -400,6 +501,43 @@ def run(args: EvalArguments) -> dict:
     return report
 
 
-def evaluate(model: str, reference: str | None = None, **options) -> dict:
-    """Evaluate the aligned model in `model` against `reference`; options are `EvalArguments` fields."""
-    return run(EvalArguments(model=model, reference=reference, **options))
+# --- comparing two evaluations ------------------------------------------------------------------
+
+
+def _eval_dir(path: str) -> Path:
+    directory = Path(path)
+    directory = directory.parent if directory.name == "report.json" else directory
+    if not (directory / POEMS_FILE).is_file():
+        raise PoemDPOError(f"{path!r} is not an evaluation directory: it has no {POEMS_FILE}")
+    return directory
+
+
+def compare(a: str, b: str) -> dict:
+    """Exact McNemar test of two evaluations' aligned models on the same title/seed/sample slots."""
+    outcomes = []
+    for path in (a, b):
+        with (_eval_dir(path) / POEMS_FILE).open(encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f]
+        outcomes.append({(r["title"], r["seed"], r["k"]): r["aligned"]["counts"] for r in rows})
+    if set(outcomes[0]) != set(outcomes[1]):
+        raise PoemDPOError(
+            f"{a!r} and {b!r} sampled different titles, seeds or poems per title ({len(outcomes[0])} and "
+            f"{len(outcomes[1])} slots): evaluate both with the same --split, --num_titles, --title_seed, --seeds "
+            "and --poems_per_title"
+        )
+    keys = sorted(outcomes[0])
+    return mcnemar_exact([outcomes[0][k] for k in keys], [outcomes[1][k] for k in keys])
+
+
+def pooled_rule_rate(paths: list[str]) -> dict:
+    """Counts of several evaluations (e.g. 3 base retrains × 3 seeds) pooled into one rate with its interval."""
+    totals: Counter = Counter()
+    for path in paths:
+        report = json.loads((_eval_dir(path) / "report.json").read_text(encoding="utf-8"))
+        for name in ("aligned", "reference"):
+            totals[(name, "count")] += report["models"][name]["rule_rate"]["count"]
+            totals[(name, "n")] += report["models"][name]["rule_rate"]["n"]
+    grouped: dict = defaultdict(dict)
+    for name in ("aligned", "reference"):
+        grouped[name] = rate_with_interval(totals[(name, "count")], totals[(name, "n")])
+    return dict(grouped)

@@ -1,9 +1,9 @@
 """Evaluation metrics: form rates with confidence intervals, diversity, held-out loss, DPO rewards.
 
 The text metrics are pure functions of poem strings. The model metrics share one scorer,
-`completion_logprobs`, which tokenizes exactly as TRL's DPOTrainer does (prompt, then
-prompt + completion + eos; the completion starts where the two token lists diverge), so the
-rewards measured here are the rewards DPO optimised.
+`score_completions`, which tokenizes exactly as TRL's DPOTrainer does (prompt, then prompt + completion + eos,
+or the chat template for conversational rows; the completion starts where the two token lists diverge), so the
+rewards measured here are the rewards DPO optimised (`ld_alpha` included; tested against TRL's own metrics).
 """
 
 from __future__ import annotations
@@ -14,10 +14,11 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 from tqdm.auto import tqdm
-from trl.data_utils import common_prefix_length
+from trl.data_utils import _tokenize, common_prefix_length
 from trl.trainer.utils import pad, selective_log_softmax
 
 from poemdpo.data.forms import classify, is_degenerate, is_strict_five, is_well_formed, split_lines
+from poemdpo.data.rules import preferred
 
 Z_95 = 1.959963984540054  # two-sided 95% quantile of the standard normal
 METERS = ("五言", "七言", "杂言")
@@ -112,10 +113,17 @@ def distinct_n(poems: Iterable[str], n: int) -> float:
 # --- model metrics ------------------------------------------------------------------------------
 
 
-def _tokenize_pair(tokenizer, prompt: str, completion: str, add_eos: bool) -> tuple[list[int], int]:
-    """Ids of prompt + completion (+ eos) and where the completion starts, as TRL's DPOTrainer does."""
-    prompt_ids = tokenizer(prompt)["input_ids"]
-    full_ids = tokenizer(prompt + completion + (tokenizer.eos_token if add_eos else ""))["input_ids"]
+def _tokenize_pair(tokenizer, prompt: str | list, completion: str | list, add_eos: bool) -> tuple[list[int], int]:
+    """Ids of prompt + completion and where the completion starts, exactly as TRL's DPOTrainer tokenizes a row:
+    a string completion gets eos appended (`add_eos`); a conversational row goes through the chat template; the
+    completion starts where the tokenized prompt and prompt + completion diverge."""
+    if isinstance(prompt, list):
+        prompt_ids = _tokenize(tokenizer, prompt, add_generation_prompt=True)["input_ids"]
+        full_ids = _tokenize(tokenizer, prompt + completion)["input_ids"]
+    else:
+        eos = tokenizer.eos_token if add_eos and not completion.endswith(tokenizer.eos_token) else ""
+        prompt_ids = _tokenize(tokenizer, prompt)["input_ids"]
+        full_ids = _tokenize(tokenizer, prompt + completion + eos)["input_ids"]
     return full_ids, common_prefix_length(prompt_ids, full_ids)
 
 
@@ -123,21 +131,21 @@ def _tokenize_pair(tokenizer, prompt: str, completion: str, add_eos: bool) -> tu
 def score_completions(
     model,
     tokenizer,
-    prompts: Sequence[str],
-    completions: Sequence[str],
+    prompts: Sequence[str | list],
+    completions: Sequence[str | list],
     *,
     batch_size: int = 16,
     add_eos: bool = True,
     max_length: int | None = None,
     progress: bool = False,
     desc: str = "scoring",
-) -> list[tuple[float, list[int]]]:
-    """For each (prompt, completion): the summed log-prob of its completion tokens and those token ids.
+) -> list[tuple[list[float], list[int]]]:
+    """For each (prompt, completion): the log-prob of each completion token, and those token ids.
 
-    eos is appended as in DPO training (`add_eos`), so "knowing when to stop" is scored too.
-    Sequences longer than `max_length` are cut at the end (TRL's keep_start), and only the completion
-    tokens that survive are scored and returned. Batches are built from length-sorted examples to
-    waste little compute on padding; results come back in input order.
+    Tokenized as TRL's DPOTrainer does (`_tokenize_pair`), so "knowing when to stop" (eos) is scored too.
+    Sequences longer than `max_length` are cut at the end (TRL's keep_start), and only the completion tokens
+    that survive are scored and returned. Batches are built from length-sorted examples to waste little compute
+    on padding; results come back in input order.
     """
     if len(prompts) != len(completions):
         raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
@@ -149,7 +157,7 @@ def score_completions(
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
-    results: list[tuple[float, list[int]]] = [(0.0, [])] * len(encoded)
+    results: list[tuple[list[float], list[int]]] = [([], [])] * len(encoded)
 
     was_training = model.training
     model.eval()
@@ -160,32 +168,30 @@ def score_completions(
             rows = [torch.tensor(encoded[i][0]) for i in batch]
             input_ids = pad(rows, padding_value=pad_id).to(device)
             attention_mask = pad([torch.ones_like(r) for r in rows], padding_value=0).to(device)
-            # Position t of the shifted tensors holds log p(token t+1 | tokens <= t).
-            completion_mask = torch.zeros_like(input_ids)
-            for row, i in enumerate(batch):
-                ids, completion_start = encoded[i]
-                completion_mask[row, completion_start : len(ids)] = 1
             logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-            token_logps = selective_log_softmax(logits[:, :-1].float(), input_ids[:, 1:])
-            sums = (token_logps * completion_mask[:, 1:]).sum(dim=1)
+            # Position t of the shifted tensors holds log p(token t+1 | tokens <= t).
+            token_logps = selective_log_softmax(logits[:, :-1].float(), input_ids[:, 1:]).cpu()
             for row, i in enumerate(batch):
                 ids, completion_start = encoded[i]
-                results[i] = (sums[row].item(), ids[completion_start:])
+                if completion_start >= len(ids):
+                    results[i] = ([], [])
+                    continue
+                results[i] = (token_logps[row, completion_start - 1 : len(ids) - 1].tolist(), ids[completion_start:])
     finally:
         model.train(was_training)
     return results
 
 
-def completion_logprobs(model, tokenizer, prompts: Sequence[str], completions: Sequence[str], **kwargs) -> torch.Tensor:
+def completion_logprobs(model, tokenizer, prompts: Sequence, completions: Sequence, **kwargs) -> torch.Tensor:
     """Summed log π(completion + eos | prompt) per example, shape (N,). kwargs: see `score_completions`."""
     scores = score_completions(model, tokenizer, prompts, completions, **kwargs)
-    return torch.tensor([logp for logp, _ in scores], dtype=torch.float64)
+    return torch.tensor([sum(logps) for logps, _ in scores], dtype=torch.float64)
 
 
 def loss_per_character(
     model,
     tokenizer,
-    prompts: Sequence[str],
+    prompts: Sequence,
     completions: Sequence[str],
     batch_size: int = 16,
     *,
@@ -203,29 +209,39 @@ def loss_per_character(
         model, tokenizer, prompts, completions, batch_size=batch_size, max_length=max_length,
         progress=progress, desc=desc,
     )
-    nll = -sum(logp for logp, _ in scores)
+    nll = -sum(sum(logps) for logps, _ in scores)
     characters = sum(len(tokenizer.decode(ids, skip_special_tokens=True)) for _, ids in scores)
     if characters == 0:
         raise ValueError("no completion characters to score")
     return nll / characters
 
 
+def _pair_logps(chosen: list[float], rejected: list[float], ld_alpha: float | None) -> tuple[float, float]:
+    """Summed log-probs of a pair; with `ld_alpha` (LD-DPO, as TRL computes it) the tokens past the shorter
+    completion's length are weighted by ld_alpha, so a longer poem does not win by its length alone."""
+    if ld_alpha is None:
+        return sum(chosen), sum(rejected)
+    shared = min(len(chosen), len(rejected))
+    return (sum(chosen[:shared]) + ld_alpha * sum(chosen[shared:]),
+            sum(rejected[:shared]) + ld_alpha * sum(rejected[shared:]))
+
+
 def dpo_reward_stats(
     policy,
     reference,
     tokenizer,
-    dataset_rows: Iterable[Mapping[str, str]],
+    dataset_rows: Iterable[Mapping],
     beta: float,
     *,
+    ld_alpha: float | None = None,
     batch_size: int = 16,
     max_length: int | None = None,
     progress: bool = False,
 ) -> dict[str, float]:
-    """DPO's implicit rewards on preference rows (`prompt`, `chosen`, `rejected`).
-
-    reward(y) = β·(log π(y|x) − log π_ref(y|x)) with summed completion log-probs (TRL's "sigmoid"
-    loss convention); margin = reward(chosen) − reward(rejected). Accuracy counts margins > 0
-    strictly, as TRL's `rewards/accuracies` does, so a policy equal to its reference scores 0.
+    """DPO's implicit rewards on preference rows (`prompt`, `chosen`, `rejected`), as the recipe's DPOTrainer
+    computes them: reward(y) = β·(log π(y|x) − log π_ref(y|x)) with completion log-probs summed (`ld_alpha`
+    weighting the tokens past the shorter completion). margin = reward(chosen) − reward(rejected); accuracy
+    counts margins > 0 strictly, as TRL's `rewards/accuracies` does, so a policy equal to its reference scores 0.
     """
     rows = list(dataset_rows)
     if not rows:
@@ -233,18 +249,55 @@ def dpo_reward_stats(
     prompts = [r["prompt"] for r in rows] * 2
     completions = [r["chosen"] for r in rows] + [r["rejected"] for r in rows]
     kwargs = {"batch_size": batch_size, "max_length": max_length, "progress": progress}
-    policy_logps = completion_logprobs(policy, tokenizer, prompts, completions, desc="policy log-probs", **kwargs)
-    reference_logps = completion_logprobs(
-        reference, tokenizer, prompts, completions, desc="reference log-probs", **kwargs
-    )
-    rewards = beta * (policy_logps - reference_logps)
-    chosen, rejected = rewards[: len(rows)], rewards[len(rows) :]
+    n = len(rows)
+
+    def pair_sums(model, desc: str) -> torch.Tensor:
+        scores = score_completions(model, tokenizer, prompts, completions, desc=desc, **kwargs)
+        sums = [_pair_logps(scores[i][0], scores[n + i][0], ld_alpha) for i in range(n)]
+        return torch.tensor(sums, dtype=torch.float64)  # (n, 2): chosen, rejected
+
+    rewards = beta * (pair_sums(policy, "policy log-probs") - pair_sums(reference, "reference log-probs"))
+    chosen, rejected = rewards[:, 0], rewards[:, 1]
     margins = chosen - rejected
     return {
-        "n_pairs": len(rows),
+        "n_pairs": n,
         "beta": beta,
+        "ld_alpha": ld_alpha,
         "reward_accuracy": (margins > 0).double().mean().item(),
         "mean_margin": margins.mean().item(),
         "mean_chosen_reward": chosen.mean().item(),
         "mean_rejected_reward": rejected.mean().item(),
     }
+
+
+# --- strict counting and paired tests -----------------------------------------------------------
+
+
+def counts_for_rule(text: str, finished: bool, rule: str) -> bool:
+    """The strict verdict: the poem finished (eos within the limit), has an even number of at least two lines,
+    and the rule prefers it. A one-line output or a poem cut off at the token limit never counts."""
+    form = classify(text)
+    return finished and form.n_lines >= 2 and form.n_lines % 2 == 0 and preferred(text, rule)
+
+
+def rate_with_interval(successes: int, n: int) -> dict:
+    low, high = wilson_interval(successes, n)
+    return {"count": successes, "n": n, "rate": successes / n if n else 0.0, "ci95": [low, high]}
+
+
+def mcnemar_exact(a: Sequence[bool], b: Sequence[bool]) -> dict:
+    """Exact (binomial) McNemar test on paired outcomes: the same titles and sample slots under two models.
+
+    Only discordant pairs carry information: `a_only` where A succeeded and B did not, `b_only` the reverse.
+    Under "no difference" each discordant pair falls either way with probability 1/2; the two-sided p-value
+    doubles the smaller tail. Chosen over comparing two Wilson intervals, which ignores the pairing and is
+    far less sensitive when both models succeed on most of the same titles.
+    """
+    if len(a) != len(b):
+        raise ValueError(f"paired outcomes need equal lengths, got {len(a)} and {len(b)}")
+    a_only = sum(1 for x, y in zip(a, b, strict=True) if x and not y)
+    b_only = sum(1 for x, y in zip(a, b, strict=True) if y and not x)
+    n = a_only + b_only
+    tail = sum(math.comb(n, i) for i in range(min(a_only, b_only) + 1)) / 2**n if n else 1.0
+    return {"n_pairs": len(a), "a_only": a_only, "b_only": b_only, "p_value": min(1.0, 2 * tail),
+            "rate_a": sum(map(bool, a)) / len(a) if a else 0.0, "rate_b": sum(map(bool, b)) / len(b) if b else 0.0}

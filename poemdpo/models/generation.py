@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
@@ -15,6 +16,36 @@ DEFAULT_MAX_NEW_TOKENS = 128
 # How an unknown token reads in a sampled poem: the mark texts use for a missing character. Skipped like the
 # other special tokens, a line of five tokens with one rare character would count as a four-character line.
 UNKNOWN_CHARACTER = "□"
+
+
+# Plain ancestral sampling: every setting that could reshape the distribution, pinned. transformers fills any
+# setting left unset from the model's own generation_config (a Hub chat model's repetition_penalty 1.1, top_k 20,
+# ...), which would silently change what "the model's poems" are.
+PLAIN_SAMPLING = {
+    "top_k": 0, "top_p": 1.0, "min_p": 0.0, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0,
+    "repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "min_new_tokens": 0, "min_length": 0,
+}
+
+
+@dataclass(frozen=True)
+class Sample:
+    """A sampled poem and whether it finished: the model wrote eos before the length limit or the context end."""
+
+    text: str
+    finished: bool
+
+
+def overridden_settings(model) -> dict:
+    """The model's own generation_config values that plain sampling overrides (to say so in a report)."""
+    config = getattr(model, "generation_config", None)
+    if config is None:
+        return {}
+    found = {}
+    for key, plain in PLAIN_SAMPLING.items():
+        value = getattr(config, key, None)
+        if value is not None and value != plain and not (key == "top_k" and value in (0, 50)):
+            found[key] = value
+    return found
 
 
 def decode_poem(tokenizer, ids: Sequence[int]) -> str:
@@ -50,8 +81,13 @@ def _eos_ids(model, tokenizer) -> set[int]:
     return ids
 
 
+def generate_poems(model, tokenizer, titles: Sequence[str], **kwargs) -> list[str]:
+    """The text of `generate_samples`: one poem per title, in order."""
+    return [sample.text for sample in generate_samples(model, tokenizer, titles, **kwargs)]
+
+
 @torch.no_grad()
-def generate_poems(
+def generate_samples(
     model,
     tokenizer,
     titles: Sequence[str],
@@ -64,15 +100,15 @@ def generate_poems(
     top_k: int = 0,
     top_p: float = 1.0,
     progress: bool = False,
-) -> list[str]:
+) -> list[Sample]:
     """One completion per title, in order: the decoded text after the prompt, cut at eos, specials stripped
-    (unknown tokens read as UNKNOWN_CHARACTER).
+    (unknown tokens read as UNKNOWN_CHARACTER), and whether it finished with eos.
 
-    Sampling is plain ancestral sampling at `temperature` by default (`top_k=0`, `top_p=1.0`):
-    transformers would otherwise apply its own default top_k=50, and the evaluation should measure
-    the model's distribution, not a truncated one. The same seed, titles and batch size give the same
-    poems; the global torch RNG is left untouched. The model is put in eval mode (no dropout) and
-    restored afterwards; the tokenizer's padding side is restored too.
+    Sampling is plain ancestral sampling at `temperature` by default (`top_k=0`, `top_p=1.0`, and every other
+    setting in PLAIN_SAMPLING pinned): transformers would otherwise apply its own default top_k=50 and the
+    model's generation_config, and the evaluation should measure the model's distribution, not a reshaped one.
+    The same seed, titles and batch size give the same poems; the global torch RNG is left untouched. The model
+    is put in eval mode (no dropout) and restored afterwards; the tokenizer's padding side is restored too.
 
     A poem gets at most `max_new_tokens` tokens (default: the model's generation config, else 128), fewer
     where prompt plus poem would pass the model's context (`max_position_embeddings`): positions past it
@@ -99,13 +135,13 @@ def generate_poems(
     eos_ids = _eos_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
-    sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p} if do_sample else {}
+    sampling = {**PLAIN_SAMPLING, "temperature": temperature, "top_k": top_k, "top_p": top_p} if do_sample else {}
 
     was_training, padding_side = model.training, tokenizer.padding_side
     model.eval()
     # Decoder-only models continue from the last position, so all prompts must end at the same column.
     tokenizer.padding_side = "left"
-    poems: list[str] = [""] * len(texts)
+    poems: list[Sample] = [Sample("", False)] * len(texts)
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(seed)
@@ -132,8 +168,8 @@ def generate_poems(
                 )
                 for i, row in zip(rows, output[:, batch["input_ids"].shape[1] :].tolist(), strict=True):
                     # generate pads a finished row with pad (often = eos); cut at the first eos explicitly.
-                    cut = next((j for j, t in enumerate(row) if t in eos_ids), len(row))
-                    poems[i] = decode_poem(tokenizer, row[:cut])
+                    cut = next((j for j, t in enumerate(row) if t in eos_ids), None)
+                    poems[i] = Sample(decode_poem(tokenizer, row[:cut]), finished=cut is not None)
     finally:
         tokenizer.padding_side = padding_side
         model.train(was_training)

@@ -2,22 +2,23 @@
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 
 import yaml
-from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from datasets import Dataset, DatasetDict, load_dataset
+from transformers import PreTrainedTokenizerBase
 from trl import DPOConfig, ModelConfig
 from trl.data_utils import _tokenize, common_prefix_length
 
-from poemdpo.data.dataset import STATS_FILE
-from poemdpo.data.prompts import conversational
+from poemdpo.data.dataset import load_pairs_dir
+from poemdpo.data.prompts import conversational, title_of
 from poemdpo.data.rules import RULES
+from poemdpo.data.splits import SplitSpec, check_same_splits
+from poemdpo.errors import PoemDPOError
+from poemdpo.models import loading
+from poemdpo.run_info import recorded_splits
 
-DEFAULT_BASE_MODEL = "data/base_model"
 DEFAULT_DATASET = "data/pairs_five_char"
 REQUIRED_COLUMNS = ("prompt", "chosen", "rejected")
 
@@ -33,8 +34,6 @@ REMOVED_KEYS = {
 }
 
 
-class ConfigError(ValueError):
-    """A recipe or command line that would run, but not as written."""
 
 
 @dataclass
@@ -45,7 +44,9 @@ class DPOScriptArguments:
     )
     dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
     dataset_test_split: str = field(
-        default="test", metadata={"help": "Split to evaluate on and to take held-out sample titles from."}
+        default="validation",
+        metadata={"help": "Held-out split to evaluate on while training and to take sample titles from. validation: "
+                  "the test split stays unseen by every choice made while training (evaluate.py reports on it)."},
     )
     max_train_pairs: int | None = field(
         default=None, metadata={"help": "Train on the first N pairs of the (shuffled) train split; all if unset."}
@@ -57,7 +58,9 @@ class DPOScriptArguments:
                   "else five_char).", "choices": sorted(RULES)},
     )
     sample_titles: int = field(
-        default=32, metadata={"help": "Held-out titles to write poems for while training (0: none)."}
+        default=32,
+        metadata={"help": "Titles to write poems for while training (0: none): the chapter's 春夜喜雨 first, then "
+                  "held-out titles."},
     )
     sample_table_rows: int = field(
         default=6, metadata={"help": "How many of those poems to print side by side with the reference's."}
@@ -88,58 +91,88 @@ def check_removed_keys(argv: list[str]) -> None:
     if "--config" in argv:
         config_path = argv[argv.index("--config") + 1]
         if not os.path.isfile(config_path):
-            raise ConfigError(f"recipe {config_path!r} does not exist")
+            raise PoemDPOError(f"recipe {config_path!r} does not exist")
         with open(config_path, encoding="utf-8") as f:
             config = yaml.safe_load(f) or {}
         if not isinstance(config, dict):
-            raise ConfigError(f"recipe {config_path!r} must be a YAML mapping of argument names to values")
+            raise PoemDPOError(f"recipe {config_path!r} must be a YAML mapping of argument names to values")
         keys |= set(config)
     known = {f.name for f in fields(DPOConfig)}
     for key in sorted(keys):
         if key in REMOVED_KEYS and key not in known:
-            raise ConfigError(f"{key!r} is not a DPO setting in TRL 1.x: {REMOVED_KEYS[key]}")
+            raise PoemDPOError(f"{key!r} is not a DPO setting in TRL 1.x: {REMOVED_KEYS[key]}")
 
 
 def check_settings(args: DPOConfig, script_args: DPOScriptArguments) -> None:
     """Settings TRL accepts but ignores, or that cannot work together."""
     if args.padding_free:
-        raise ConfigError(
+        raise PoemDPOError(
             "padding_free: true is ignored by TRL 1.x's DPOTrainer (it falls back to padding); remove it"
         )
     if script_args.sample_titles < 0 or script_args.sample_table_rows < 0:
-        raise ConfigError("sample_titles and sample_table_rows must be >= 0")
+        raise PoemDPOError("sample_titles and sample_table_rows must be >= 0")
+    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+        if getattr(args, name) < 1:
+            raise PoemDPOError(f"{name} must be at least 1, got {getattr(args, name)}")
+    if isinstance(args.resume_from_checkpoint, str) and args.resume_from_checkpoint.lower() == "false":
+        args.resume_from_checkpoint = None  # transformers would take "false" as a checkpoint path
+    elif args.resume_from_checkpoint not in (None, True) and args.resume_from_checkpoint.lower() != "true" and \
+            not os.path.isdir(args.resume_from_checkpoint):
+        raise PoemDPOError(
+            f"resume_from_checkpoint {args.resume_from_checkpoint!r} is not a checkpoint directory; pass true for "
+            "the latest checkpoint in output_dir, or false"
+        )
 
 
 def load_pairs(script_args: DPOScriptArguments) -> tuple[DatasetDict, dict]:
     """The preference DatasetDict and its build statistics (empty for a Hub dataset)."""
     name = script_args.dataset_name
     if os.path.isdir(name):
-        try:
-            dataset = load_from_disk(name)
-        except FileNotFoundError as e:
-            raise ConfigError(f"dataset directory {name!r} holds no saved dataset ({e})") from None
-        stats_path = Path(name) / STATS_FILE
-        stats = json.loads(stats_path.read_text(encoding="utf-8")) if stats_path.is_file() else {}
-    elif name.count("/") != 1 or name.startswith((".", "/", "data/")):  # a local path, not a Hub id
-        raise ConfigError(
+        dataset, stats = load_pairs_dir(name)
+    elif loading.looks_local(name):
+        raise PoemDPOError(
             f"dataset {name!r} does not exist; build it with: python build_dataset.py --output_dir {name}"
         )
     else:
         try:
             dataset, stats = load_dataset(name), {}
         except Exception as e:  # offline, unknown repo, no access: many exception classes
-            raise ConfigError(f"could not load dataset {name!r} from the Hub: {type(e).__name__}: {e}") from None
+            raise PoemDPOError(f"could not load dataset {name!r} from the Hub: {type(e).__name__}: {e}") from None
     if not isinstance(dataset, DatasetDict):
-        raise ConfigError(f"dataset {name!r} is a single split; expected a DatasetDict with train and test splits")
+        raise PoemDPOError(f"dataset {name!r} is a single split; expected a DatasetDict with train and held-out splits")
     for split in (script_args.dataset_train_split, script_args.dataset_test_split):
         if split not in dataset:
-            raise ConfigError(f"dataset {name!r} has no split {split!r}; it has {sorted(dataset)}")
+            raise PoemDPOError(f"dataset {name!r} has no split {split!r}; it has {sorted(dataset)}")
+        if len(dataset[split]) == 0:
+            raise PoemDPOError(f"dataset {name!r} split {split!r} is empty")
         missing = [c for c in REQUIRED_COLUMNS if c not in dataset[split].column_names]
         if missing:
-            raise ConfigError(
+            raise PoemDPOError(
                 f"dataset {name!r} split {split!r} lacks column(s) {missing}; it has {dataset[split].column_names}"
             )
     return dataset, stats
+
+
+def check_splits_match(stats: dict, model_name_or_path: str, dataset_name: str) -> SplitSpec | None:
+    """The pairs and the base model must hold out the same titles; returns the pairs' split."""
+    splits = SplitSpec.from_dict(stats.get("splits"))
+    check_same_splits(splits, recorded_splits(model_name_or_path), f"base model {model_name_or_path!r} "
+                      f"(its poemdpo.json), used with dataset {dataset_name!r},")
+    return splits
+
+
+def held_out_titles(dataset: Dataset, n: int, first: list[str]) -> list[str]:
+    """`first` (the chapter's 春夜喜雨), then held-out titles in code-point order, `n` in all.
+
+    A dataset without a `title` column (TRL's plain prompt/chosen/rejected) gives the titles its prompts carry.
+    """
+    if n == 0:
+        return []
+    if "title" in dataset.column_names:
+        found = dataset["title"]
+    else:
+        found = [t for t in (title_of(p) for p in dataset["prompt"] if isinstance(p, str)) if t]
+    return list(dict.fromkeys([*first, *sorted(set(found))]))[:n]
 
 
 def select_pairs(dataset: Dataset, n: int | None, seed: int) -> Dataset:
@@ -148,41 +181,20 @@ def select_pairs(dataset: Dataset, n: int | None, seed: int) -> Dataset:
     return dataset.shuffle(seed=seed).select(range(n))
 
 
-def check_model_path(path: str | None) -> str:
-    """A clear message for a missing local model, the embedded default above all."""
-    if not path:
-        raise ConfigError("model_name_or_path is not set (in the recipe or with --model_name_or_path)")
-    if path == DEFAULT_BASE_MODEL and not os.path.isdir(path):
-        raise ConfigError(
-            f"the embedded base model {path!r} does not exist yet; train it with: python train_base.py "
-            "(about 15 minutes on 2 CPU cores)"
-        )
-    if path.startswith(("data/", ".", "/")) and not os.path.isdir(path):
-        raise ConfigError(f"model directory {path!r} does not exist")
-    return path
-
-
 def load_tokenizer(model_args: ModelConfig) -> PreTrainedTokenizerBase:
-    path = check_model_path(model_args.model_name_or_path)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, revision=model_args.model_revision)
-    except OSError as e:  # a Hub name while offline, or a directory without tokenizer files
-        raise ConfigError(f"could not load a tokenizer from {path!r}: {e}") from None
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
+    return loading.load_tokenizer(
+        model_args.model_name_or_path, revision=model_args.model_revision,
+        trust_remote_code=getattr(model_args, "trust_remote_code", False),
+    )
 
 
 def load_policy(model_args: ModelConfig):
-    """The policy, from a local directory or a Hub name."""
-    path = check_model_path(model_args.model_name_or_path)
-    try:
-        return AutoModelForCausalLM.from_pretrained(
-            path, revision=model_args.model_revision, dtype=model_args.dtype or "auto",
-            attn_implementation=model_args.attn_implementation,
-        )
-    except OSError as e:
-        raise ConfigError(f"could not load a causal LM from {path!r}: {e}") from None
+    """The policy, from a local directory or a Hub name, in the recipe's dtype; the Trainer places it."""
+    return loading.load_causal_lm(
+        model_args.model_name_or_path, dtype=model_args.dtype, revision=model_args.model_revision,
+        attn_implementation=model_args.attn_implementation,
+        trust_remote_code=getattr(model_args, "trust_remote_code", False),
+    )
 
 
 def load_frozen_reference(model_args: ModelConfig):
@@ -194,18 +206,21 @@ def load_frozen_reference(model_args: ModelConfig):
 
 def use_chat_format(tokenizer: PreTrainedTokenizerBase, prompt_format: str) -> bool:
     if prompt_format == "chat" and not tokenizer.chat_template:
-        raise ConfigError("prompt_format: chat needs a tokenizer with a chat template, and this one has none")
+        raise PoemDPOError("prompt_format: chat needs a tokenizer with a chat template, and this one has none")
     return prompt_format == "chat" or (prompt_format == "auto" and bool(tokenizer.chat_template))
 
 
 def to_conversational(dataset: Dataset) -> Dataset:
     """The same pairs as chat turns, for base models with a chat template."""
-    if "title" not in dataset.column_names:
-        raise ConfigError("a chat-format run builds prompts from the 'title' column, which this dataset lacks")
-
     def convert(row: dict) -> dict:
+        title = row.get("title") or title_of(row["prompt"])
+        if not title:
+            raise PoemDPOError(
+                f"a chat-format run builds prompts from titles, and this row has no 'title' column and a prompt "
+                f"that is not poem-dpo's instruction format: {row['prompt'][:60]!r}"
+            )
         return {
-            "prompt": conversational(row["title"]),
+            "prompt": conversational(title),
             "chosen": [{"role": "assistant", "content": row["chosen"]}],
             "rejected": [{"role": "assistant", "content": row["rejected"]}],
         }
@@ -223,7 +238,7 @@ def check_tokenizer_covers(tokenizer: PreTrainedTokenizerBase, dataset: Dataset,
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         unknown = sum(i == tokenizer.unk_token_id for i in ids) if tokenizer.unk_token_id is not None else 0
         if len(ids) < 0.2 * len(row["chosen"]) or unknown > 0.5 * len(ids):
-            raise ConfigError(
+            raise PoemDPOError(
                 f"the tokenizer ({type(tokenizer).__name__}) turns {text[:40]!r}... into {len(ids)} ids, "
                 f"{unknown} of them unknown: it does not cover this text. If the model directory has a custom "
                 "tokenizer, check that AutoTokenizer loads it as the class it was saved with."
@@ -238,7 +253,7 @@ def check_token_boundaries(tokenizer: PreTrainedTokenizerBase, dataset: Dataset,
         for column in ("chosen", "rejected"):
             full_ids = _tokenize(tokenizer, row["prompt"] + row[column])["input_ids"]
             if common_prefix_length(prompt_ids, full_ids) < len(prompt_ids):
-                raise ConfigError(
+                raise PoemDPOError(
                     f"row {index}: the tokenized prompt is not a prefix of the tokenized prompt+{column} "
                     f"(prompt ends {tokenizer.decode(prompt_ids[-8:])!r}, prompt+{column} has "
                     f"{tokenizer.decode(full_ids[len(prompt_ids) - 8 : len(prompt_ids)])!r} there). The model would "
