@@ -36,6 +36,7 @@ from poemdpo.training.dpo import (
 )
 from poemdpo.training.hub import check_hub_access, push_final_model
 from poemdpo.training.model_card import write_model_card
+from poemdpo.training.objectives import trainer_class
 from poemdpo.training.samples import PoemDPOTrainer, SamplePoemsCallback
 from poemdpo.training.speed import use_compact_lm_head, with_lengths
 
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> PoemDPOTrainer:
 
     # 5. Train. Sample poems come from the prepared models (the reference's at the start), whatever the engine.
     try:
-        trainer = PoemDPOTrainer(
+        trainer = trainer_class(args.loss_type)(  # ChapterDPOTrainer for the chapter's objectives
             model=model,
             ref_model=ref_model,
             args=args,
