@@ -174,7 +174,7 @@ def test_bfd_drops_or_truncates_poems_longer_than_a_block():
 
 def test_well_formed_only_keeps_regular_poems(trained):
     corpus, _, _ = trained
-    every = load_training_texts(BaseModelArguments(corpus=str(corpus)))
+    every = load_training_texts(BaseModelArguments(corpus=str(corpus), poems="all"))
     regular = load_training_texts(BaseModelArguments(corpus=str(corpus), poems="well_formed"))
     poems = [t.split("<RES>")[1] for t in every]
     assert regular == [t for t, p in zip(every, poems, strict=True) if is_well_formed(p)]
@@ -188,15 +188,17 @@ def test_bfd_training_loss_falls(tmp_path):
     assert len(losses) == 12 and sum(losses[-3:]) < sum(losses[:3])
 
 
-def test_missing_corpus_is_a_clear_error(tmp_path):
-    with pytest.raises(SystemExit, match="does not exist"):
+def test_missing_corpus_is_a_clear_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
         run(tmp_path / "nowhere", tmp_path / "out", "--max_steps", "1")
+    assert exit_info.value.code == 2 and "nowhere' does not exist" in capsys.readouterr().err
 
 
-def test_resume_without_checkpoint_is_a_clear_error(trained, tmp_path):
+def test_resume_without_checkpoint_is_a_clear_error(trained, tmp_path, capsys):
     corpus, _, _ = trained
-    with pytest.raises(SystemExit, match="no checkpoint"):
+    with pytest.raises(SystemExit) as exit_info:
         run(corpus, tmp_path / "empty", "--max_steps", "1", "--resume_from_checkpoint", "true")
+    assert exit_info.value.code == 2 and "no checkpoint-* directory" in capsys.readouterr().err
 
 
 def test_help_explains_every_model_option(capsys):

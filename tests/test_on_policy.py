@@ -30,10 +30,11 @@ from poemdpo.data.pairs import DEFAULT_PAIRING
 from poemdpo.data.prompts import build_prompt
 from poemdpo.data.rules import preferred
 from poemdpo.data.splits import SplitSpec, split_of, split_poems
-
-SPLITS = SplitSpec(validation_size=0.2, test_size=0.2)
 from poemdpo.models.generation import DEFAULT_MAX_NEW_TOKENS, generate_poems
 from poemdpo.models.tokenizer import train_char_tokenizer
+
+SPLITS = SplitSpec(validation_size=0.2, test_size=0.2)
+SPLIT_ARGS = ("--validation_size", "0.2", "--test_size", "0.2")
 
 # Position k of a 五言 / 七言 line is one of two characters, so lines vary (and sometimes repeat).
 FIVE = ["山水", "風月", "雲花", "春秋", "日夜"]
@@ -97,7 +98,7 @@ def built(tmp_path_factory):
     (root / "corpus" / "poet.tang.0.json").write_text(json.dumps(make_corpus_poems(200), ensure_ascii=False))
     model_dir = write_model(root / "poet")
     build_dataset.main([
-        "--corpus", str(root / "corpus"), "--output_dir", str(root / "pairs"), "--validation_size", "0.2", "--test_size", "0.2",
+        "--corpus", str(root / "corpus"), "--output_dir", str(root / "pairs"), *SPLIT_ARGS,
         "--seed", str(SEED), "--on_policy_model", model_dir, "--on_policy_samples", str(K),
         "--on_policy_titles", str(TITLES), "--on_policy_batch_size", str(BATCH),
     ])  # fmt: skip
@@ -188,13 +189,13 @@ def test_stats_record_the_on_policy_train_split(built):
     assert on_policy["pairs"] == stats["pairs"]["train"] == len(dataset["train"])
     assert on_policy["titles_with_pairs"] == stats["titles"]["train"] == len(set(dataset["train"]["title"]))
     assert stats["pairs"]["test"] == len(dataset["test"])
-    assert (root / "pairs" / "dataset_dict.json").is_file()
+    assert list((root / "pairs" / "data").glob("train-*.parquet")) and (root / "pairs" / "README.md").is_file()
 
 
 def test_same_seed_same_pairs_other_seed_other_pairs(built):
     root, model_dir, dataset, _ = built
     poems, _ = read_corpus(root / "corpus")
-    corpus, corpus_stats = build_preference_dataset(poems, "five_char", DEFAULT_PAIRING, SEED, 0.2)
+    corpus, corpus_stats = build_preference_dataset(poems, "five_char", DEFAULT_PAIRING, SEED, SPLITS)
     model, tokenizer = load_sampler(model_dir)
 
     def build(seed: int) -> list[dict]:
@@ -233,7 +234,7 @@ def test_bad_model_is_a_clear_error(tmp_path, corpus_dir, case, message):
         positions = 12 if case == "no_room" else MAX_POSITIONS
         write_model(path, positions, with_tokenizer=case != "no_tokenizer")
     argv = [
-        "--corpus", str(corpus_dir), "--output_dir", str(tmp_path / "pairs"), "--validation_size", "0.2", "--test_size", "0.2",
+        "--corpus", str(corpus_dir), "--output_dir", str(tmp_path / "pairs"), *SPLIT_ARGS,
         "--on_policy_model", str(path), "--on_policy_samples", "1" if case == "one_sample" else "4",
     ]  # fmt: skip
     with pytest.raises(SystemExit) as exit_info:

@@ -33,5 +33,5 @@ def test_pipeline_runs_every_stage_and_prints_the_headline(tmp_path, corpus_dir,
     assert set(result["seconds"]) == {"dataset", "dpo", "evaluation"}  # the base model existed
     printed = capsys.readouterr().out
     # The headline is evaluate.py's own (headline(report)), printed again at the end.
-    assert "five_char on 4 random test titles, strict counting:" in printed
+    assert "five_char on 4 random test titles (title seed 0), strict counting:" in printed
     assert f"report    {out}/eval/report.md" in printed

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from datasets import Dataset
 
+from poemdpo.data import prosody, rules
 from poemdpo.data.dataset import HELD_OUT, load_held_out_poems, load_pairs_dir
 from poemdpo.data.forms import classify
 from poemdpo.data.prompts import CHAPTER_TITLES, conversational
@@ -237,6 +238,19 @@ def sample_metrics(records: list[dict], rule: str, by_form: bool) -> dict:
     return result
 
 
+def prosody_metrics(records: list[dict]) -> dict:
+    """格律 of the sampled poems by the 平水韵 (`poemdpo.data.prosody`): over every poem, the share that is a
+    regulated shape (五言/七言, 4 or 8 lines, finished) and passes each check; and the same among those shapes."""
+    reports = [rules.prosody_report(r["text"]) for r in records]
+    shaped = [rep for rep, r in zip(reports, records, strict=True) if rep.applicable and r["finished"]]
+    result = {"applicable": rate_with_interval(len(shaped), len(records))}
+    for name in (*prosody.CHECKS, "helv"):
+        passed = sum(bool(getattr(rep, name)) for rep in shaped)
+        result[name] = rate_with_interval(passed, len(records)) | {"among_applicable": passed / len(shaped)
+                                                                   if shaped else None}
+    return result
+
+
 def held_out_loss(model, tokenizer, chat: bool, poems: Dataset, rule: str, limit: int | None, batch_size: int,
                   max_length: int) -> dict:
     """Loss per character on the split's poems the rule prefers, and on the others, each under its own title."""
@@ -304,6 +318,11 @@ def markdown_report(report: dict) -> str:
         (f"held-out loss/char, poems {rule} prefers", *(_num(m["loss_per_char_preferred"]) for m in both)),
         ("held-out loss/char, other poems", *(_num(m["loss_per_char_other"]) for m in both)),
     ]
+    checks = ("applicable", *prosody.CHECKS, "helv")
+    labels = {"applicable": "regulated shape (五言/七言, 4 or 8 lines, finished)", **prosody.CHECKS, "helv": "合律"}
+    rows += [(f"格律: {labels[name]}",
+              *(_pct(m["prosody"][name]["rate"]) + ("" if name == "applicable" else
+                f" ({_pct(m['prosody'][name]['among_applicable'])} of those)") for m in both)) for name in checks]
     test = report["paired_test"]
     rewards = report["rewards"]
     lines = [
@@ -440,6 +459,7 @@ def run(args: EvalArguments) -> dict:
                                          max_new_tokens=max_new_tokens, seed=seeds[0])
         models[name] = (
             sample_metrics(records[name], rule, by_form=not args.titles)
+            | {"prosody": prosody_metrics(records[name])}
             | held_out_loss(model, tokenizer, chat, poems, rule, args.max_held_out_poems, args.batch_size, max_length)
             | {"max_new_tokens": max_new_tokens}
         )

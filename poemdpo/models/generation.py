@@ -23,7 +23,7 @@ UNKNOWN_CHARACTER = "□"
 # ...), which would silently change what "the model's poems" are.
 PLAIN_SAMPLING = {
     "top_k": 0, "top_p": 1.0, "min_p": 0.0, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0,
-    "repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "min_new_tokens": 0, "min_length": 0,
+    "repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "min_new_tokens": 0,
 }
 
 
