@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None):
             args.output_dir, method=method, base_model=model_args.model_name_or_path,
             dataset=script_args.dataset_name, rule=rule, reward=reward_name, args=args, titles=len(titles),
             metrics=last_train_metrics(trainer.state.log_history), sample_rates=last.get("metrics", {}),
-            sample_table=last.get("table", ""),
+            sample_table=last.get("table", ""), tokenizer=tokenizer, chat=chat,
         )
         print(f"saved the {method} policy to {args.output_dir}")
     return trainer

@@ -52,6 +52,32 @@ def prompt_section(tokenizer, chat: bool) -> str:
             f"```json\n{rows}\n```\n\nrendered (`add_generation_prompt=True`):\n\n```text\n{rendered}\n```")
 
 
+def card_results(settings: dict, metrics: dict, metrics_title: str, sample_rates: dict, sample_table: str) -> str:
+    """The part every model card of the project shares: hyperparameters, final metrics, sample poems."""
+    return f"""## Hyperparameters
+
+```json
+{json.dumps(settings, ensure_ascii=False, indent=2, default=str)}
+```
+
+## {metrics_title}
+
+```json
+{json.dumps(metrics, ensure_ascii=False, indent=2)}
+```
+
+Share of sampled poems (temperature 1.0, held-out titles) that satisfy the rule:
+
+```json
+{json.dumps(sample_rates, ensure_ascii=False, indent=2)}
+```
+
+## Sample poems (held-out titles)
+
+{sample_table}
+"""
+
+
 def write_model_card(output_dir: str | Path, *, base_model: str, dataset: str, rule: str, args: DPOConfig,
                      use_peft: bool, train_pairs: int, metrics: dict, sample_rates: dict, sample_table: str,
                      tokenizer=None, chat: bool = False) -> Path:
@@ -70,28 +96,7 @@ pairs of `{dataset}`.
 
 {prompt_section(tokenizer, chat)}
 
-## Hyperparameters
-
-```json
-{json.dumps(settings, ensure_ascii=False, indent=2, default=str)}
-```
-
-## Final metrics
-
-```json
-{json.dumps(reward_metrics, ensure_ascii=False, indent=2)}
-```
-
-Share of sampled poems (temperature 1.0, held-out titles) that satisfy the rule:
-
-```json
-{json.dumps(sample_rates, ensure_ascii=False, indent=2)}
-```
-
-## Sample poems (held-out titles)
-
-{sample_table}
-"""
+{card_results(settings, reward_metrics, "Final metrics", sample_rates, sample_table)}"""
     path = Path(output_dir) / "README.md"
     path.write_text(card, encoding="utf-8")
     return path

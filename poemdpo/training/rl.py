@@ -32,6 +32,7 @@ from poemdpo.models import loading
 from poemdpo.models.generation import decode_poem, default_max_new_tokens
 from poemdpo.run_info import read_run_info, recorded_splits
 from poemdpo.training.dpo import DEFAULT_DATASET
+from poemdpo.training.model_card import card_results, prompt_section
 from poemdpo.training.reward import load_reward_model, score
 
 METHODS = {"grpo": (GRPOConfig, GRPOTrainer), "rloo": (RLOOConfig, RLOOTrainer)}
@@ -377,7 +378,8 @@ def last_train_metrics(log_history: list[dict]) -> dict:
 
 
 def write_rl_card(output_dir: str | Path, *, method: str, base_model: str, dataset: str, rule: str,
-                  reward: str, args, titles: int, metrics: dict, sample_rates: dict, sample_table: str) -> Path:
+                  reward: str, args, titles: int, metrics: dict, sample_rates: dict, sample_table: str,
+                  tokenizer=None, chat: bool = False) -> Path:
     settings = {key: getattr(args, key) for key in CARD_SETTINGS if hasattr(args, key)}
     card = f"""---
 base_model: {base_model}
@@ -393,30 +395,9 @@ it (β = {args.beta}). Reward: {reward}. The rule counted in the samples: **`{ru
 
 ## Prompt
 
-    <INS>請用以下題目寫一首詩<INP>{{title}}<RES>
+{prompt_section(tokenizer, chat)}
 
-## Hyperparameters
-
-```json
-{json.dumps(settings, ensure_ascii=False, indent=2, default=str)}
-```
-
-## Final training metrics
-
-```json
-{json.dumps(metrics, ensure_ascii=False, indent=2)}
-```
-
-Share of sampled poems (temperature 1.0, held-out titles) that satisfy the rule:
-
-```json
-{json.dumps(sample_rates, ensure_ascii=False, indent=2)}
-```
-
-## Sample poems (held-out titles)
-
-{sample_table}
-"""
+{card_results(settings, metrics, "Final training metrics", sample_rates, sample_table)}"""
     path = Path(output_dir) / "README.md"
     path.write_text(card, encoding="utf-8")
     return path
