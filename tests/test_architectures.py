@@ -7,6 +7,8 @@ prefix, eos vs end-of-turn, the card showing a prompt the model never saw) break
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from huggingface_hub import ModelCard
@@ -188,3 +190,25 @@ def test_instruction_format_on_a_chat_model_samples_and_documents_that_format(tm
     assert trainer.processing_class.chat_template == FAMILIES["gemma2"].template  # restored after sampling
     card = (out / "README.md").read_text(encoding="utf-8")
     assert build_prompt("{title}") in card and "<start_of_turn>" not in card
+
+
+def test_evaluate_a_chat_model_through_its_template(tmp_path, base_dirs, pairs_dir):
+    """evaluate.py on a chat model: poems, held-out loss and rewards all go through the chat template the run
+    trained with, the model's own sampling settings are overridden and named, and no special token leaks."""
+    import evaluate
+
+    out = tmp_path / "out"
+    train_dpo.main(dpo_argv(base_dirs["qwen2"], pairs_dir, out, "--max_steps", "2"))
+    report = evaluate.main(["--model", str(out), "--dataset", str(pairs_dir), "--num_titles", "3",
+                            "--poems_per_title", "2", "--max_new_tokens", "16", "--max_eval_pairs", "4",
+                            "--max_held_out_poems", "4", "--output_dir", str(tmp_path / "eval")])
+    assert report["prompt_format"] == "chat" and report["reference"] == base_dirs["qwen2"]
+    # Qwen's generation_config (repetition_penalty 1.1, top_p 0.8, top_k 20) would reshape plain sampling.
+    expected = {"top_k": 20, "top_p": 0.8, "repetition_penalty": 1.1}
+    assert report["overridden_settings"] == {"aligned": expected, "reference": expected}
+    assert report["rewards"]["n_pairs"] == 4 and report["rewards"]["mean_margin"] != 0.0
+    for name in ("aligned", "reference"):
+        assert 0 < report["models"][name]["loss_per_char_preferred"] < 50
+    rows = [json.loads(line) for line in (tmp_path / "eval" / "poems.jsonl").read_text("utf-8").splitlines()]
+    assert len(rows) == 6 and not any(mark in r[m]["text"] for r in rows for m in ("aligned", "reference")
+                                      for mark in SPECIAL_MARKS)

@@ -223,7 +223,7 @@ def test_same_seed_same_pairs_other_seed_other_pairs(built):
     "case, message",
     [
         ("missing", "on-policy model directory '{path}' does not exist"),
-        ("no_tokenizer", "on-policy model directory '{path}' loads to no usable tokenizer"),
+        ("no_tokenizer", "on-policy model '{path}' has no tokenizer that loads"),
         ("no_room", "leaving no room for a poem in the model's context (max_position_embeddings=12)"),
         ("one_sample", "samples per title must be at least 2"),
     ],

@@ -108,6 +108,8 @@ def test_lora_uses_the_base_without_adapter_as_reference(tmp_path, pairs_dir):
         (["--dataset_name", "data/nowhere"], "dataset 'data/nowhere' does not exist; build it with"),
         (["--dataset_train_split", "training"], "has no split 'training'"),
         (["--model_name_or_path", "data/base_model_missing"], "does not exist"),
+        (["--per_device_train_batch_size", "0"], "per_device_train_batch_size must be at least 1, got 0"),
+        (["--resume_from_checkpoint", "data/no_such_checkpoint"], "is not a checkpoint directory"),
     ],
 )
 def test_bad_configuration_is_a_clear_error(tmp_path, pairs_dir, capsys, extra, message):
@@ -115,6 +117,41 @@ def test_bad_configuration_is_a_clear_error(tmp_path, pairs_dir, capsys, extra, 
     with pytest.raises(SystemExit):
         run(tmp_path, model_dir, pairs_dir, *extra)
     assert message in capsys.readouterr().err
+
+
+def test_plain_trl_columns_resume_false_and_mixed_splits(tmp_path, pairs_dir, capsys):
+    """TRL's plain prompt/chosen/rejected rows train (sample titles read from the prompts); resume false means from
+    scratch; an empty split, or a base model that held out other titles, stops with one sentence."""
+    from datasets import load_dataset
+
+    from poemdpo.run_info import write_run_info
+
+    model_dir = tiny_model_dir(tmp_path / "base", "llama", pairs_dir)
+    plain = load_dataset(str(pairs_dir)).select_columns(["prompt", "chosen", "rejected"])
+    plain_dir = tmp_path / "plain"  # parquet files in the Hub's default layout, no card, no stats
+    (plain_dir / "data").mkdir(parents=True)
+    for name, split in plain.items():
+        split.to_parquet(str(plain_dir / "data" / f"{name}-00000-of-00001.parquet"))
+    trainer, out = run(tmp_path, model_dir, plain_dir, "--max_steps", "2", "--resume_from_checkpoint", "false",
+                       "--sample_titles", "3")
+    assert trainer.state.global_step == 2 and (out / "model.safetensors").is_file()
+    assert "春夜喜雨" in (out / "samples.md").read_text(encoding="utf-8")
+
+    empty_dir = tmp_path / "empty"
+    (empty_dir / "data").mkdir(parents=True)
+    for name, split in plain.items():
+        split.select(range(0 if name == "validation" else len(split))).to_parquet(
+            str(empty_dir / "data" / f"{name}-00000-of-00001.parquet"))
+    with pytest.raises(SystemExit):
+        run(tmp_path, model_dir, empty_dir, "--max_steps", "1")
+    # datasets itself refuses a directory with an empty split; the sentence names the directory and the split.
+    err = capsys.readouterr().err
+    assert f"dataset directory '{empty_dir}' holds no readable dataset" in err and '"validation"' in err
+
+    write_run_info(model_dir, {"splits": {"validation_size": 0.1, "test_size": 0.2, "seed": 42}})
+    with pytest.raises(SystemExit):
+        run(tmp_path, model_dir, pairs_dir, "--max_steps", "1")
+    assert "was built with splits" in capsys.readouterr().err
 
 
 def test_unknown_key_in_recipe_and_wrong_columns(tmp_path, pairs_dir, capsys):

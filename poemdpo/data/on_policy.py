@@ -15,9 +15,8 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
 from datasets import Dataset, DatasetDict
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from poemdpo.data.corpus import Poem
 from poemdpo.data.forms import classify, is_degenerate
@@ -25,6 +24,7 @@ from poemdpo.data.pairs import DEFAULT_PAIRING, build_pairs
 from poemdpo.data.rules import preferred
 from poemdpo.errors import PoemDPOError
 from poemdpo.models.generation import DEFAULT_MAX_NEW_TOKENS, default_max_new_tokens, generate_poems
+from poemdpo.models.loading import load_for_inference
 
 DEFAULT_SAMPLES = 4
 DEFAULT_TITLES = 2000
@@ -38,28 +38,9 @@ class OnPolicyError(PoemDPOError):
 
 
 def load_sampler(path: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """The causal LM (fp32, eval mode) and tokenizer saved in a local directory, with errors naming it."""
-    directory = Path(path)
-    if not directory.is_dir():
-        raise OnPolicyError(f"on-policy model directory {str(path)!r} does not exist")
-    tokenizer, reason = None, "no tokenizer"
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(directory)
-    except (OSError, ValueError, TypeError, KeyError) as e:  # missing or unreadable tokenizer files
-        reason = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
-    # Without a vocabulary or an eos token, sampling would give noise or never stop.
-    if tokenizer is not None and (len(tokenizer) == 0 or tokenizer.eos_token_id is None):
-        tokenizer, reason = None, "an empty vocabulary or no eos token"
-    if tokenizer is None:
-        raise OnPolicyError(
-            f"on-policy model directory {str(path)!r} loads to no usable tokenizer ({reason}); "
-            "save the tokenizer beside the model (tokenizer.save_pretrained)"
-        )
-    try:
-        model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
-    except (OSError, ValueError) as e:
-        raise OnPolicyError(f"could not load a causal LM from on-policy model directory {str(path)!r}: {e}") from None
-    return model.eval(), tokenizer
+    """The causal LM (eval mode; cuda in bf16 when present, else the CPU in fp32) and its tokenizer, through the
+    project's one loader, with its errors naming the on-policy model."""
+    return load_for_inference(str(path), what="on-policy model")
 
 
 def choose_titles(poems: Sequence[Poem], n: int, seed: int) -> list[str]:
