@@ -131,6 +131,11 @@ def main(argv: list[str] | None = None) -> PoemDPOTrainer:
                 push_final_model(trainer)
             except PoemDPOError as e:
                 sys.exit(f"train_dpo.py: error: {e}")
+    # Tear the process group down before exit. Left to interpreter shutdown, a gloo rank of a finished 2-process
+    # FSDP run aborted once ("terminate called without an active exception") after the model was saved.
+    if trainer.accelerator.num_processes > 1:
+        trainer.accelerator.wait_for_everyone()
+        trainer.accelerator.end_training()
     return trainer
 
 
