@@ -104,8 +104,7 @@ def main(argv: list[str] | None = None) -> PoemDPOTrainer:
         max_new_tokens=script_args.sample_max_new_tokens, seed=args.seed, chat=chat,
     )
     trainer.add_callback(samples)
-    resume = args.resume_from_checkpoint
-    trainer.train(resume_from_checkpoint=True if resume in ("true", "True") else resume)
+    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)  # parse_resume'd in check_settings
     metrics = trainer.evaluate() if trainer.eval_dataset is not None else {}
 
     # 6. Save model + tokenizer + card; push if asked.

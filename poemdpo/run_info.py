@@ -47,3 +47,18 @@ def read_run_info(model: str | Path) -> dict:
 
 def recorded_splits(model: str | Path) -> SplitSpec | None:
     return SplitSpec.from_dict(read_run_info(model).get("splits"))
+
+
+def parse_resume(value: str | bool | None) -> bool | str | None:
+    """`--resume_from_checkpoint` as the Trainer takes it: None (from scratch) for false, True for the latest
+    checkpoint, else a checkpoint directory that exists. transformers would take the string "false" as a path."""
+    if value in (None, False, "", "false", "False"):
+        return None
+    if value in (True, "true", "True"):
+        return True
+    if not Path(value).is_dir():
+        raise PoemDPOError(
+            f"resume_from_checkpoint {value!r} is not a checkpoint directory; pass true for the latest checkpoint "
+            "in output_dir, or false"
+        )
+    return str(value)

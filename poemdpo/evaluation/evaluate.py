@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import random
 import time
-from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from datasets import Dataset
 from poemdpo.data import prosody, rules
 from poemdpo.data.dataset import HELD_OUT, load_held_out_poems, load_pairs_dir
 from poemdpo.data.forms import classify
-from poemdpo.data.prompts import CHAPTER_TITLES, conversational
+from poemdpo.data.prompts import CHAPTER_TITLES, build_prompt, conversational
 from poemdpo.data.rules import RULES, preferred
 from poemdpo.data.splits import SplitSpec, check_same_splits
 from poemdpo.errors import PoemDPOError
@@ -204,8 +203,6 @@ def scoring_rows(chat: bool, titles: list[str], completions: list[str]) -> tuple
     if chat:
         return ([conversational(t) for t in titles],
                 [[{"role": "assistant", "content": c}] for c in completions])
-    from poemdpo.data.prompts import build_prompt
-
     return [build_prompt(t) for t in titles], list(completions)
 
 
@@ -410,13 +407,14 @@ def run(args: EvalArguments) -> dict:
     check_model_path(args.model, "aligned model")
     info = read_run_info(args.model)
     args.reference = check_model_path(resolve_reference(args), "reference model")
-    pairs, stats = load_pairs_dir(args.dataset) if Path(args.dataset).is_dir() else (None, {})
-    if pairs is None:
+    if not Path(args.dataset).is_dir():
         raise PoemDPOError(f"dataset directory {args.dataset!r} does not exist; build it with: python "
                            f"build_dataset.py --output_dir {args.dataset}")
+    pairs, stats = load_pairs_dir(args.dataset)
     splits = SplitSpec.from_dict(stats.get("splits"))
-    for what, path in (("aligned model", args.model), ("reference model", args.reference)):
-        check_same_splits(splits, SplitSpec.from_dict(read_run_info(path).get("splits")),
+    for what, path, recorded in (("aligned model", args.model, info),
+                                 ("reference model", args.reference, read_run_info(args.reference))):
+        check_same_splits(splits, SplitSpec.from_dict(recorded.get("splits")),
                           f"{what} {path!r}, evaluated on dataset {args.dataset!r},")
     if args.split not in pairs:
         raise PoemDPOError(f"dataset {args.dataset!r} has no {args.split!r} split; it has {sorted(pairs)}")
@@ -502,9 +500,8 @@ def run(args: EvalArguments) -> dict:
         "titles": titles,
         "seeds": seeds,
         "settings": asdict(args) | {"max_length": max_length, "top_k": 0, "top_p": 1.0, "do_sample": True},
-        "overridden_settings": {name: overridden_settings(m) for name, m in (("aligned", policy), ("reference",
-                                                                                                  reference))
-                                if overridden_settings(m)},
+        "overridden_settings": {name: found for name, m in (("aligned", policy), ("reference", reference))
+                                if (found := overridden_settings(m))},
         "training_settings": training,
         "prompt_format": "chat" if chat else "instruction",
         "models": models,
@@ -551,13 +548,9 @@ def compare(a: str, b: str) -> dict:
 
 def pooled_rule_rate(paths: list[str]) -> dict:
     """Counts of several evaluations (e.g. 3 base retrains × 3 seeds) pooled into one rate with its interval."""
-    totals: Counter = Counter()
-    for path in paths:
-        report = json.loads((_eval_dir(path) / "report.json").read_text(encoding="utf-8"))
-        for name in ("aligned", "reference"):
-            totals[(name, "count")] += report["models"][name]["rule_rate"]["count"]
-            totals[(name, "n")] += report["models"][name]["rule_rate"]["n"]
-    grouped: dict = defaultdict(dict)
+    reports = [json.loads((_eval_dir(p) / "report.json").read_text(encoding="utf-8")) for p in paths]
+    pooled = {}
     for name in ("aligned", "reference"):
-        grouped[name] = rate_with_interval(totals[(name, "count")], totals[(name, "n")])
-    return dict(grouped)
+        rates = [r["models"][name]["rule_rate"] for r in reports]
+        pooled[name] = rate_with_interval(sum(r["count"] for r in rates), sum(r["n"] for r in rates))
+    return pooled

@@ -46,7 +46,7 @@ from poemdpo.data.splits import (
 )
 from poemdpo.errors import PoemDPOError
 from poemdpo.models.tokenizer import DEFAULT_MIN_FREQUENCY, train_char_tokenizer
-from poemdpo.run_info import write_run_info
+from poemdpo.run_info import parse_resume, write_run_info
 
 logger = logging.getLogger(__name__)
 
@@ -259,17 +259,14 @@ def make_trainer(
 
 
 def resolve_checkpoint(resume: str | bool | None, output_dir: str) -> str | None:
-    """`--resume_from_checkpoint` is a checkpoint path, or true for the latest checkpoint in output_dir."""
-    if resume in (None, False, "", "false", "False"):
-        return None
-    if resume in (True, "true", "True"):
-        last = get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
-        if last is None:
-            raise PoemDPOError(f"--resume_from_checkpoint true: no checkpoint-* directory in {output_dir!r}")
-        return last
-    if not Path(resume).is_dir():
-        raise PoemDPOError(f"--resume_from_checkpoint: {resume!r} is not a directory")
-    return str(resume)
+    """`--resume_from_checkpoint` (`parse_resume`) with true resolved to the latest checkpoint in output_dir."""
+    resume = parse_resume(resume)
+    if resume is not True:
+        return resume
+    last = get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
+    if last is None:
+        raise PoemDPOError(f"--resume_from_checkpoint true: no checkpoint-* directory in {output_dir!r}")
+    return last
 
 
 def cpu_has_fast_bf16() -> bool:

@@ -17,7 +17,7 @@ from poemdpo.data.rules import RULES
 from poemdpo.data.splits import SplitSpec, check_same_splits
 from poemdpo.errors import PoemDPOError
 from poemdpo.models import loading
-from poemdpo.run_info import recorded_splits
+from poemdpo.run_info import parse_resume, recorded_splits
 
 DEFAULT_DATASET = "data/pairs_five_char"
 REQUIRED_COLUMNS = ("prompt", "chosen", "rejected")
@@ -114,14 +114,7 @@ def check_settings(args: DPOConfig, script_args: DPOScriptArguments) -> None:
     for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
         if getattr(args, name) < 1:
             raise PoemDPOError(f"{name} must be at least 1, got {getattr(args, name)}")
-    if isinstance(args.resume_from_checkpoint, str) and args.resume_from_checkpoint.lower() == "false":
-        args.resume_from_checkpoint = None  # transformers would take "false" as a checkpoint path
-    elif args.resume_from_checkpoint not in (None, True) and args.resume_from_checkpoint.lower() != "true" and \
-            not os.path.isdir(args.resume_from_checkpoint):
-        raise PoemDPOError(
-            f"resume_from_checkpoint {args.resume_from_checkpoint!r} is not a checkpoint directory; pass true for "
-            "the latest checkpoint in output_dir, or false"
-        )
+    args.resume_from_checkpoint = parse_resume(args.resume_from_checkpoint)
 
 
 def load_pairs(script_args: DPOScriptArguments) -> tuple[DatasetDict, dict]:
