@@ -1,11 +1,16 @@
-"""The main job, end to end on the embedded default: dataset -> base model (if missing) -> DPO -> evaluation.
+"""The main job, end to end on the embedded default: dataset -> base model (if missing) -> training -> evaluation.
 
-The headline is evaluate.py's own: the rule's strict rate on random test titles (K poems each), with its 95%
-interval, beside the reference's; every stage uses the same train / validation / test split of titles.
+The training stage is one of the repository's roads (--method): DPO (the default), the chapter's two objectives
+on train_dpo.py, a reward model, GRPO or RLOO on the model's own poems, or GRPO rewarded by a reward model. The
+headline is evaluate.py's own: the rule's strict rate on random test titles (K poems each), with its 95%
+interval, beside the reference's. A reward model writes no poems: its headline is its accuracy on the held-out
+pairs, as train_reward.py measured it. Every stage uses the same train / validation / test split of titles.
 
-    python -m poemdpo.pipeline                       # 五言 preferred (rule five_char)
+    python -m poemdpo.pipeline                       # DPO, 五言 preferred (rule five_char)
     python -m poemdpo.pipeline --rule seven_char     # 七言 preferred
-    python -m poemdpo.pipeline --max_train_pairs 500 # anything after the known options goes to train_dpo.py
+    python -m poemdpo.pipeline --method grpo         # GRPO, the rule as reward
+    python -m poemdpo.pipeline --method grpo_reward_model   # a reward model (if missing), then GRPO against it
+    python -m poemdpo.pipeline --max_train_pairs 500 # anything after the known options goes to the training script
 
 Each stage is the repository's own script, run as a child process exactly as a user would run it, so
 that a stage's memory is freed before the next and its output is what the script prints on its own.
@@ -28,14 +33,34 @@ from poemdpo.data.pairs import DEFAULT_NEAR_MISS_SHARE, DEFAULT_PAIRING, STRATEG
 from poemdpo.data.rules import RULES
 from poemdpo.data.splits import DEFAULT_SPLIT_SEED, DEFAULT_TEST_SIZE, DEFAULT_VALIDATION_SIZE
 from poemdpo.evaluation.evaluate import headline
+from poemdpo.run_info import read_run_info
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# method -> (training script, its recipe, arguments the script needs to run this method)
+METHODS: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "dpo": ("train_dpo.py", "configs/dpo_tiny_cpu.yaml", ()),
+    "chapter_unlikelihood": ("train_dpo.py", "configs/dpo_chapter_unlikelihood_cpu.yaml", ()),
+    "chapter_linear": ("train_dpo.py", "configs/dpo_chapter_linear_cpu.yaml", ()),
+    "reward_model": ("train_reward.py", "configs/reward_tiny_cpu.yaml", ()),
+    "grpo": ("train_rl.py", "configs/grpo_tiny_cpu.yaml", ("--method", "grpo")),
+    "rloo": ("train_rl.py", "configs/rloo_tiny_cpu.yaml", ("--method", "rloo")),
+    "grpo_reward_model": ("train_rl.py", "configs/grpo_tiny_cpu.yaml", ("--method", "grpo")),
+}
 
 
 @dataclass
 class PipelineArguments:
+    method: str = field(
+        default="dpo",
+        metadata={"help": "The training road. dpo: DPO, the default recipe (sigmoid + SFT); chapter_unlikelihood / "
+                  "chapter_linear: the chapter's objectives (a) and (b), DPO's recipe with the loss swapped; "
+                  "reward_model: a reward model on the pairs (no policy: its held-out accuracy is the result); "
+                  "grpo / rloo: RL on the model's own poems, the rule as reward; grpo_reward_model: GRPO rewarded "
+                  "by a reward model (trained first if --reward_model is missing).", "choices": list(METHODS)},
+    )
     rule: str = field(default="five_char",
-                      metadata={"help": "Which poems DPO should prefer.", "choices": sorted(RULES)})
+                      metadata={"help": "Which poems to prefer.", "choices": sorted(RULES)})
     pairing: str = field(default=DEFAULT_PAIRING, metadata={"help": "Pairing strategy of build_dataset.py.",
                                                       "choices": list(STRATEGIES)})
     near_miss_share: float = field(
@@ -46,8 +71,19 @@ class PipelineArguments:
     base_model: str = field(default="data/base_model",
                             metadata={"help": "Base model directory; trained with train_base.py if missing."})
     base_config: str = field(default="configs/base_tiny_cpu.yaml", metadata={"help": "Recipe for train_base.py."})
-    dpo_config: str = field(default="configs/dpo_tiny_cpu.yaml", metadata={"help": "Recipe for train_dpo.py."})
-    output_dir: str | None = field(default=None, metadata={"help": "DPO output (default: data/dpo_<rule>)."})
+    config: str | None = field(
+        default=None, metadata={"help": "Recipe for the training script (default: the method's own, in configs/)."}
+    )
+    dpo_config: str | None = field(
+        default=None, metadata={"help": "The old name of --config, for the methods trained by train_dpo.py."}
+    )
+    reward_model: str | None = field(
+        default=None,
+        metadata={"help": "grpo_reward_model only: the reward model directory, trained with train_reward.py and "
+                  "its recipe if missing (default: data/reward_model_<rule>)."},
+    )
+    output_dir: str | None = field(default=None,
+                                   metadata={"help": "Training output (default: data/<method>_<rule>)."})
     validation_size: float = field(default=DEFAULT_VALIDATION_SIZE,
                                    metadata={"help": "Share of titles held out for validation (every stage)."})
     test_size: float = field(default=DEFAULT_TEST_SIZE,
@@ -67,36 +103,82 @@ def run_stage(name: str, command: list[str]) -> float:
     return time.perf_counter() - start
 
 
+def recipe_of(args: PipelineArguments) -> str:
+    """--config, else --dpo_config (its old name, train_dpo.py's methods only), else the method's own recipe."""
+    script, recipe, _ = METHODS[args.method]
+    if args.dpo_config is not None:
+        if script != "train_dpo.py":
+            sys.exit(f"pipeline: --dpo_config is a recipe for train_dpo.py; --method {args.method} trains with "
+                     f"{script}: pass its recipe as --config")
+        if args.config is not None and args.config != args.dpo_config:
+            sys.exit("pipeline: --dpo_config is the old name of --config; give one of them")
+    return args.config or args.dpo_config or recipe
+
+
+def print_times(seconds: dict[str, float]) -> None:
+    print("time      " + "  ".join(f"{k} {v / 60:.1f} min" for k, v in seconds.items())
+          + f"  total {sum(seconds.values()) / 60:.1f} min")
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = HfArgumentParser(PipelineArguments, description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    args, dpo_overrides = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    args, overrides = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    if args.reward_model is not None and args.method != "grpo_reward_model":
+        sys.exit(f"pipeline: --reward_model is the judge of --method grpo_reward_model, not of {args.method}")
+    script, _, method_args = METHODS[args.method]
+    recipe = recipe_of(args)
     pairs = args.pairs_dir or f"data/pairs_{args.rule}"
-    output_dir = args.output_dir or f"data/dpo_{args.rule}"
+    output_dir = args.output_dir or f"data/{args.method}_{args.rule}"
     seconds = {}
 
+    # 1. The preference pairs, split by title.
     splits = ["--validation_size", str(args.validation_size), "--test_size", str(args.test_size), "--split_seed",
               str(args.split_seed)]
     seconds["dataset"] = run_stage("dataset", ["build_dataset.py", "--corpus", args.corpus, "--rule", args.rule,
                                                "--pairing", args.pairing, "--near_miss_share",
                                                str(args.near_miss_share), "--output_dir", pairs, *splits])
+
+    # 2. The base model, if missing.
     if not (ROOT / args.base_model / "config.json").is_file():
         seconds["base model"] = run_stage("base model", ["train_base.py", "--config", args.base_config,
                                                          "--corpus", args.corpus, "--output_dir", args.base_model,
                                                          *splits])
-    seconds["dpo"] = run_stage("dpo", ["train_dpo.py", "--config", args.dpo_config, "--model_name_or_path",
-                                       args.base_model, "--dataset_name", pairs, "--output_dir", output_dir,
-                                       *dpo_overrides])
+
+    # 3. Training: every script takes the same model, data, rule and output flags (the RL recipes name a rule).
+    common = ["--model_name_or_path", args.base_model, "--dataset_name", pairs, "--rule", args.rule]
+    if args.method == "grpo_reward_model":
+        reward_dir = args.reward_model or f"data/reward_model_{args.rule}"
+        if not (ROOT / reward_dir / "config.json").is_file():
+            reward_script, reward_recipe, _ = METHODS["reward_model"]
+            seconds["reward_model"] = run_stage("reward_model", [reward_script, "--config", reward_recipe, *common,
+                                                                 "--output_dir", reward_dir])
+        method_args = (*method_args, "--reward_model", reward_dir)
+    seconds[args.method] = run_stage(args.method, [script, *method_args, "--config", recipe, *common,
+                                                   "--output_dir", output_dir, *overrides])
+
+    # 4. A reward model writes no poems: its result is the held-out accuracy train_reward.py recorded.
+    if args.method == "reward_model":
+        accuracy = read_run_info(ROOT / output_dir).get("reward_accuracy")
+        if not accuracy:
+            sys.exit(f"pipeline: {output_dir}/poemdpo.json records no reward accuracy; train_reward.py writes it")
+        print("\n=== poem-dpo: done")
+        print(f"{args.rule} reward model {output_dir}, accuracy on held-out pairs (a tie counts as wrong):")
+        for split, a in accuracy.items():
+            print(f"{split:10s} accuracy {a['accuracy']:.1%}  mean margin {a['margin']:.3f}  ({a['pairs']} pairs)")
+        print_times(seconds)
+        print(f"card      {output_dir}/README.md")
+        return {"reward_accuracy": accuracy, "seconds": seconds}
+
+    # 5. Evaluation of the trained policy against the base model, on random test titles.
     seconds["evaluation"] = run_stage("evaluation", ["evaluate.py", "--model", output_dir, "--reference",
                                                      args.base_model, "--dataset", pairs, "--split", "test",
                                                      "--num_titles", str(args.num_titles), "--poems_per_title",
                                                      str(args.poems_per_title), "--seeds", str(args.seeds)])
-
     report = json.loads((ROOT / output_dir / "eval" / "report.json").read_text(encoding="utf-8"))
     print("\n=== poem-dpo: done")
     print(headline(report))
-    print("time      " + "  ".join(f"{k} {v / 60:.1f} min" for k, v in seconds.items())
-          + f"  total {sum(seconds.values()) / 60:.1f} min")
+    print_times(seconds)
     print(f"report    {output_dir}/eval/report.md")
     return {"report": report, "seconds": seconds}
 

@@ -1,9 +1,11 @@
-"""The one command, end to end on a tiny model: dataset -> DPO -> evaluation, with the headline printed."""
+"""The one command, end to end on a tiny model: dataset -> DPO -> evaluation, with the headline printed; and every
+other road (--method) wired to its script, recipe and evaluation, with the stage runner replaced."""
 
 from __future__ import annotations
 
 import json
 
+import pytest
 from datasets import load_dataset
 from test_train_dpo import tiny_model_dir
 
@@ -35,3 +37,190 @@ def test_pipeline_runs_every_stage_and_prints_the_headline(tmp_path, corpus_dir,
     # The headline is evaluate.py's own (headline(report)), printed again at the end.
     assert "five_char on 4 random test titles (title seed 0), strict counting:" in printed
     assert f"report    {out}/eval/report.md" in printed
+
+
+def test_the_reward_model_road_runs_and_prints_the_accuracy_train_reward_recorded(tmp_path, corpus_dir, capsys):
+    import build_dataset
+
+    splits = ["--validation_size", "0.2", "--test_size", "0.2"]
+    build_dataset.main(["--corpus", str(corpus_dir), "--output_dir", str(tmp_path / "vocab"), *splits])
+    model_dir = tiny_model_dir(tmp_path / "base", "llama", tmp_path / "vocab")
+    out = tmp_path / "rm"
+    result = pipeline.main([
+        "--method", "reward_model", "--corpus", str(corpus_dir), "--pairs_dir", str(tmp_path / "pairs"),
+        "--base_model", model_dir, "--output_dir", str(out), *splits,
+        # the rest goes to train_reward.py
+        "--max_steps", "2", "--report_to", "none", "--save_strategy", "no", "--eval_strategy", "no",
+    ])
+    assert (out / "model.safetensors").is_file() and not (out / "eval").exists()
+    recorded = json.loads((out / "poemdpo.json").read_text(encoding="utf-8"))
+    assert result["reward_accuracy"] == recorded["reward_accuracy"]
+    assert set(result["seconds"]) == {"dataset", "reward_model"}
+    printed = capsys.readouterr().out
+    test = recorded["reward_accuracy"]["test"]
+    assert f"test       accuracy {test['accuracy']:.1%}  mean margin {test['margin']:.3f}  ({test['pairs']} pairs)" \
+        in printed
+
+
+# --- every road (--method): the stages and their arguments, with the stage runner replaced ---------------------
+
+
+class Stages:
+    """Records each stage's command instead of running it, and leaves behind what the real script would write:
+    a reward model's config.json and poemdpo.json (its accuracy), evaluate.py's report.json."""
+
+    def __init__(self, root):
+        self.root, self.commands = root, []
+
+    def __call__(self, name: str, command: list[str]) -> float:
+        self.commands.append((name, command))
+        if command[0] == "train_reward.py":
+            out = self.root / command[command.index("--output_dir") + 1]
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "config.json").write_text("{}", encoding="utf-8")
+            accuracy = {"validation": {"accuracy": 0.75, "margin": 1.5, "pairs": 8, "dropped": 0},
+                        "test": {"accuracy": 0.875, "margin": 2.0, "pairs": 8, "dropped": 0}}
+            (out / "poemdpo.json").write_text(json.dumps({"reward_accuracy": accuracy}), encoding="utf-8")
+        if command[0] == "evaluate.py":
+            out = self.root / command[command.index("--model") + 1] / "eval"
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "report.json").write_text(json.dumps({"rule": "five_char"}), encoding="utf-8")
+        return 0.0
+
+    def scripts(self) -> list[str]:
+        return [command[0] for _, command in self.commands]
+
+    def command(self, script: str) -> list[str]:
+        return next(command for _, command in self.commands if command[0] == script)
+
+
+@pytest.fixture
+def stages(tmp_path, monkeypatch) -> Stages:
+    """Relative paths resolve under tmp_path; the base model exists, so its stage is skipped."""
+    monkeypatch.setattr(pipeline, "ROOT", tmp_path)
+    (tmp_path / "data" / "base_model").mkdir(parents=True)
+    (tmp_path / "data" / "base_model" / "config.json").write_text("{}", encoding="utf-8")
+    monkeypatch.setattr(pipeline, "headline", lambda report: f"HEADLINE of {report['rule']}")
+    recorder = Stages(tmp_path)
+    monkeypatch.setattr(pipeline, "run_stage", recorder)
+    return recorder
+
+
+def parse_training_command(command: list[str]):
+    """A training stage's command as its script parses it (recipe, then the command line): the flags must be the
+    script's own, and the values must land in the fields the script reads."""
+    from trl import DPOConfig, ModelConfig, RewardConfig, TrlParser
+
+    import train_rl
+    from poemdpo.training.dpo import DPOScriptArguments
+    from poemdpo.training.reward import RewardScriptArguments
+    from poemdpo.training.rl import METHODS, RLScriptArguments, method_of
+
+    argv = command[1:]
+    classes = {
+        "train_dpo.py": (DPOScriptArguments, DPOConfig),
+        "train_reward.py": (RewardScriptArguments, RewardConfig),
+        "train_rl.py": (RLScriptArguments, METHODS[method_of(argv, train_rl.read_recipe(argv))][0]),
+    }[command[0]]
+    return TrlParser((*classes, ModelConfig)).parse_args_and_config(args=argv)
+
+
+@pytest.mark.parametrize("method, script, recipe, rl_method", [
+    ("dpo", "train_dpo.py", "configs/dpo_tiny_cpu.yaml", None),
+    ("chapter_unlikelihood", "train_dpo.py", "configs/dpo_chapter_unlikelihood_cpu.yaml", None),
+    ("chapter_linear", "train_dpo.py", "configs/dpo_chapter_linear_cpu.yaml", None),
+    ("grpo", "train_rl.py", "configs/grpo_tiny_cpu.yaml", "grpo"),
+    ("rloo", "train_rl.py", "configs/rloo_tiny_cpu.yaml", "rloo"),
+])
+def test_a_policy_method_trains_with_its_recipe_then_evaluates_its_output(stages, capsys, method, script, recipe,
+                                                                          rl_method):
+    result = pipeline.main(["--method", method, "--rule", "seven_char", "--max_steps", "3"])
+    assert stages.scripts() == ["build_dataset.py", script, "evaluate.py"]
+    assert set(result["seconds"]) == {"dataset", method, "evaluation"}
+    command = stages.command(script)
+    assert command[command.index("--config") + 1] == recipe
+    assert command[-2:] == ["--max_steps", "3"]  # unknown arguments go to the training script, last
+
+    script_args, args, model_args = parse_training_command(command)
+    assert (model_args.model_name_or_path, script_args.dataset_name) == ("data/base_model", "data/pairs_seven_char")
+    assert script_args.rule == "seven_char"  # the RL recipes name five_char: the pipeline's rule must win
+    assert args.output_dir == f"data/{method}_seven_char" and args.max_steps == 3
+    if rl_method:
+        assert command[:3] == ["train_rl.py", "--method", rl_method] and script_args.method == rl_method
+        assert script_args.reward_model is None  # the rule is the reward
+    evaluate = stages.command("evaluate.py")
+    assert evaluate[evaluate.index("--model") + 1] == f"data/{method}_seven_char"
+    assert evaluate[evaluate.index("--reference") + 1] == "data/base_model"
+    assert "HEADLINE of five_char" in capsys.readouterr().out
+
+
+def test_grpo_reward_model_trains_the_reward_model_first_then_grpo_against_it(stages, tmp_path):
+    pipeline.main(["--method", "grpo_reward_model"])
+    assert stages.scripts() == ["build_dataset.py", "train_reward.py", "train_rl.py", "evaluate.py"]
+    reward_args, reward_config, _ = parse_training_command(stages.command("train_reward.py"))
+    assert stages.command("train_reward.py")[2] == "configs/reward_tiny_cpu.yaml"
+    assert reward_config.output_dir == "data/reward_model_five_char"
+    assert reward_args.dataset_name == "data/pairs_five_char"
+
+    rl = stages.command("train_rl.py")
+    assert rl[rl.index("--config") + 1] == "configs/grpo_tiny_cpu.yaml"
+    script_args, args, _ = parse_training_command(rl)
+    assert script_args.method == "grpo" and script_args.reward_model == "data/reward_model_five_char"
+    assert args.output_dir == "data/grpo_reward_model_five_char"
+    assert stages.command("evaluate.py")[2] == "data/grpo_reward_model_five_char"
+
+    # A reward model that exists is used as it is; --reward_model names another.
+    stages.commands.clear()
+    pipeline.main(["--method", "grpo_reward_model", "--output_dir", "data/again"])
+    assert stages.scripts() == ["build_dataset.py", "train_rl.py", "evaluate.py"]
+    stages.commands.clear()
+    pipeline.main(["--method", "grpo_reward_model", "--reward_model", "data/my_judge", "--output_dir", "data/mine"])
+    assert stages.scripts() == ["build_dataset.py", "train_reward.py", "train_rl.py", "evaluate.py"]
+    assert parse_training_command(stages.command("train_rl.py"))[0].reward_model == "data/my_judge"
+    assert (tmp_path / "data" / "my_judge" / "poemdpo.json").is_file()
+
+
+def test_reward_model_reports_its_accuracy_and_samples_no_poems(stages, capsys):
+    result = pipeline.main(["--method", "reward_model"])
+    assert stages.scripts() == ["build_dataset.py", "train_reward.py"]  # no policy: no evaluate.py
+    assert stages.command("train_reward.py")[2] == "configs/reward_tiny_cpu.yaml"
+    assert parse_training_command(stages.command("train_reward.py"))[1].output_dir == "data/reward_model_five_char"
+    assert result["reward_accuracy"]["test"]["accuracy"] == 0.875 and "report" not in result
+    printed = capsys.readouterr().out
+    assert "validation accuracy 75.0%" in printed and "test       accuracy 87.5%" in printed
+    assert "HEADLINE" not in printed
+
+
+def test_config_and_the_old_dpo_config_name(stages):
+    pipeline.main(["--dpo_config", "configs/dpo_chapter_linear_cpu.yaml"])
+    assert stages.command("train_dpo.py")[1:3] == ["--config", "configs/dpo_chapter_linear_cpu.yaml"]
+    stages.commands.clear()
+    pipeline.main(["--method", "chapter_unlikelihood", "--config", "configs/dpo_tiny_cpu.yaml"])
+    assert stages.command("train_dpo.py")[1:3] == ["--config", "configs/dpo_tiny_cpu.yaml"]
+    stages.commands.clear()
+    pipeline.main(["--config", "configs/dpo_tiny_cpu.yaml", "--dpo_config", "configs/dpo_tiny_cpu.yaml"])
+    assert stages.command("train_dpo.py")[1:3] == ["--config", "configs/dpo_tiny_cpu.yaml"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--method", "grpo", "--dpo_config", "configs/dpo_tiny_cpu.yaml"], "pass its recipe as --config"),
+    (["--config", "configs/dpo_tiny_cpu.yaml", "--dpo_config", "configs/dpo_chapter_linear_cpu.yaml"],
+     "give one of them"),
+    (["--method", "grpo", "--reward_model", "data/rm"], "--reward_model is the judge of --method grpo_reward_model"),
+])
+def test_arguments_that_do_not_fit_the_method_stop_before_any_stage(stages, argv, message):
+    with pytest.raises(SystemExit, match=message):
+        pipeline.main(argv)
+    assert stages.commands == []
+
+
+def test_help_lists_every_method(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        pipeline.main(["--help"])
+    assert exit_info.value.code == 0
+    printed = capsys.readouterr().out
+    assert "{" + ",".join(pipeline.METHODS) + "}" in printed
+    for method in pipeline.METHODS:
+        assert method in printed
+    for script, recipe, _ in pipeline.METHODS.values():
+        assert (pipeline.ROOT / script).is_file() and (pipeline.ROOT / recipe).is_file()
