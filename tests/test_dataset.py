@@ -17,7 +17,7 @@ from poemdpo.data.dataset import build_preference_dataset
 from poemdpo.data.forms import classify
 from poemdpo.data.pairs import build_pairs, near_miss
 from poemdpo.data.prompts import build_prompt
-from poemdpo.data.rules import RULES, preferred
+from poemdpo.data.rules import RULES, preferred, rejected
 from poemdpo.data.splits import SplitSpec, split_of
 from poemdpo.errors import PoemDPOError
 
@@ -65,14 +65,27 @@ def test_length_matched_pairs_are_closer_in_length_than_random():
     assert gap(matched_rows) < 0.5 * gap(random_rows)
 
 
-def test_a_near_miss_has_one_line_a_character_off():
+def test_a_near_miss_has_one_line_a_character_off_or_one_line_left_out():
     text = "秦川雄帝宅，函谷壯皇居。\n綺殿千尋起，離宮百雉餘。"
     rng = random.Random(0)
-    for _ in range(50):
+    slips = []
+    for _ in range(60):
         before, after = classify(text).line_lengths, classify(near_miss(text, rng)).line_lengths
-        assert len(after) == len(before)
-        changed = [(a, b) for a, b in zip(before, after, strict=True) if a != b]
-        assert len(changed) == 1 and abs(changed[0][0] - changed[0][1]) == 1
+        if len(after) == len(before):
+            changed = [(a, b) for a, b in zip(before, after, strict=True) if a != b]
+            assert len(changed) == 1 and abs(changed[0][0] - changed[0][1]) == 1
+            slips.append("shorter" if changed[0][1] < changed[0][0] else "longer")
+        else:
+            assert len(after) == len(before) - 1 and set(after) == {5}  # an odd number of whole lines
+            slips.append("line left out")
+    assert {"shorter", "longer", "line left out"} == set(slips)
+
+
+def test_form_rules_prefer_poems_of_couplets():
+    couplet = "秦川雄帝宅，函谷壯皇居。"
+    assert preferred(couplet, "five_char") and not rejected(couplet, "five_char")
+    for odd in ("秦川雄帝宅。", couplet + "\n綺殿千尋起。"):
+        assert not preferred(odd, "five_char") and rejected(odd, "five_char")
 
 
 @pytest.mark.parametrize("rule", ["five_char", "seven_char"])
@@ -84,7 +97,8 @@ def test_near_miss_share_of_train_pairs(rule):
     assert 0.25 < len(misses) / len(mixed) < 0.75
     for row in misses:
         assert row["rejected_title"] == row["title"] and not preferred(row["rejected"], rule)
-        assert abs(len(row["rejected"]) - len(row["chosen"])) == 1
+        lost = len(row["chosen"]) - len(row["rejected"])
+        assert abs(lost) == 1 or classify(row["rejected"]).n_lines == classify(row["chosen"]).n_lines - 1
     assert {r["rejected_source"] for r in plain} == {"corpus"}
     with pytest.raises(ValueError, match="near_miss_share must be between 0 and 1, got 1.5"):
         build_pairs(poems(), rule, "random", 0, near_miss_share=1.5)

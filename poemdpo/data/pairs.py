@@ -29,15 +29,23 @@ _VERSE_LINE = re.compile("[^" + re.escape(LINE_BREAKS) + "]+")  # as forms.split
 
 
 def near_miss(text: str, rng: random.Random) -> str:
-    """`text` with one verse line a character shorter or longer: the slip an aligned model still makes.
+    """`text` with one slip an aligned model still makes: a verse line a character shorter or longer (a third each),
+    or a line left out, which leaves an odd number of lines (a third).
 
-    A character is deleted from a random line, or one of the poem's own characters is inserted into it.
+    A character is deleted from a random line, or one of the poem's own characters is inserted into it; a left-out
+    line goes with the punctuation before it (its couplet partner's), or after it when it is the first line.
     """
     lines = list(_LINE.finditer(text))
     if not lines:
         raise ValueError(f"no verse line to change in {text!r}")
+    slip = rng.random()
+    if len(lines) >= 2 and slip < 1 / 3:
+        i = rng.randrange(len(lines))
+        if i == 0:
+            return text[lines[1].start() :]
+        return text[: lines[i - 1].end()] + text[lines[i].end() :]
     line = rng.choice(lines)
-    if len(line.group()) > 1 and rng.random() < 0.5:
+    if len(line.group()) > 1 and slip < 2 / 3:
         at = rng.randrange(line.start(), line.end())
         return text[:at] + text[at + 1 :]
     at = rng.randrange(line.start(), line.end() + 1)

@@ -31,7 +31,14 @@ def _regular(form: Form) -> bool:
 
 
 def _form_rule(ok: Callable[[Form], bool]) -> Rule:
-    return Rule(prefers=lambda text: ok(classify(text)), rejects=lambda text: not ok(classify(text)))
+    """A form rule prefers what the evaluation counts: the form, in an even number of at least two lines (a poem
+    of couplets). A 五言 poem of three lines is then a rejected poem, as it is a miss when the model writes one."""
+
+    def prefers(text: str) -> bool:
+        form = classify(text)
+        return form.n_lines >= 2 and form.n_lines % 2 == 0 and ok(form)
+
+    return Rule(prefers=prefers, rejects=lambda text: not prefers(text))
 
 
 @lru_cache(maxsize=1 << 16)
