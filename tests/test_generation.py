@@ -76,6 +76,17 @@ def test_left_padding_gives_the_same_greedy_text_as_one_by_one(tok):
     assert batched == single
 
 
+def test_the_static_cache_samples_the_same_poems_as_the_dynamic_one(tok):
+    """The static KV cache is a speed setting: greedy text and seeded samples match transformers' default cache."""
+    model = tiny_lm(tok, tie=False)
+    for do_sample in (False, True):
+        static, dynamic = (generate_poems(model, tok, TITLES * 3, max_new_tokens=24, batch_size=len(TITLES) * 3,
+                                          do_sample=do_sample, seed=3, cache_implementation=cache)
+                           for cache in ("static", None))
+        assert all(len(poem) >= 5 for poem in static)  # real text, not an early eos
+        assert static == dynamic
+
+
 def test_restores_train_mode_and_padding_side(tok, model):
     model.train()
     tok.padding_side = "right"

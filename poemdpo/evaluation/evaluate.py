@@ -43,7 +43,12 @@ from poemdpo.evaluation.metrics import (
 )
 from poemdpo.evaluation.plots import plot_form_distribution, plot_training_rewards
 from poemdpo.evaluation.tables import markdown_table
-from poemdpo.models.generation import default_max_new_tokens, generate_samples, overridden_settings
+from poemdpo.models.generation import (
+    SAMPLE_BATCH_SIZE,
+    default_max_new_tokens,
+    generate_samples,
+    overridden_settings,
+)
 from poemdpo.models.loading import check_model_path, load_for_inference, looks_local
 from poemdpo.run_info import read_run_info
 
@@ -91,7 +96,11 @@ class EvalArguments:
         metadata={"help": "Longest poem, in tokens. Default: each model's generation_config.max_new_tokens, cut "
                   "where prompt plus poem would pass its context. A poem that reaches it is unfinished."},
     )
-    batch_size: int = field(default=64, metadata={"help": "Batch size for sampling and for scoring."})
+    batch_size: int = field(default=64, metadata={"help": "Batch size for scoring (loss per character, rewards)."})
+    sample_batch_size: int = field(
+        default=SAMPLE_BATCH_SIZE,
+        metadata={"help": "Poems sampled at once (a static KV cache makes large batches pay)."},
+    )
     beta: float | None = field(
         default=None,
         metadata={"help": f"DPO β for the implicit rewards. Default: the one in the model's poemdpo.json, else "
@@ -385,7 +394,7 @@ def sample_records(model, tokenizer, titles: list[str], forms: dict[str, str], a
     for seed in seeds:
         samples = generate_samples(
             model, tokenizer, prompts, temperature=args.temperature, max_new_tokens=max_new_tokens,
-            batch_size=args.batch_size, seed=seed, progress=True,
+            batch_size=args.sample_batch_size, seed=seed, progress=True,
         )
         for i, (title, sample) in enumerate(zip(prompts, samples, strict=True)):
             records.append({
@@ -402,8 +411,8 @@ def run(args: EvalArguments) -> dict:
     start = time.perf_counter()
     if not args.model:
         raise PoemDPOError("--model is required (the aligned model's directory or Hub id)")
-    if args.poems_per_title < 1 or args.seeds < 1 or args.batch_size < 1:
-        raise PoemDPOError("poems_per_title, seeds and batch_size must each be at least 1")
+    if min(args.poems_per_title, args.seeds, args.batch_size, args.sample_batch_size) < 1:
+        raise PoemDPOError("poems_per_title, seeds, batch_size and sample_batch_size must each be at least 1")
     check_model_path(args.model, "aligned model")
     info = read_run_info(args.model)
     args.reference = check_model_path(resolve_reference(args), "reference model")

@@ -1,0 +1,84 @@
+"""Sampling throughput: the evaluation's poems per second, today's settings against the old ones, same run.
+
+    flock /tmp/poemdpo-heavy.lock python bench/bench_sampling.py                 # ~2 min on 2 CPU cores
+    flock /tmp/poemdpo-heavy.lock python bench/bench_sampling.py --num_prompts 1200 --threads 1
+
+Every variant samples the same prompts (validation titles of --dataset, each --poems_per_title times) with
+`generate_samples` at temperature 1.0, plain sampling, the same seed. Variants:
+
+  dynamic@64    the old default: transformers' dynamic KV cache (concatenated every step), 64 poems at once
+  dynamic@256   the same cache, 256 at once
+  static@64     a static KV cache (preallocated, written in place), 64 at once
+  static@256    today's default (generation.SAMPLE_BATCH_SIZE, CACHE_IMPLEMENTATION)
+
+Reported: poems/s, generated tokens/s, and the achieved GFLOP/s of the forward passes (2 FLOPs per weight per
+generated token, the LM head included, attention left out: a lower bound) beside the fp32 matmul bound measured
+in the same process (a 2048x2048 matmul). Prints figures only; asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from poemdpo.data.dataset import load_held_out_poems  # noqa: E402
+from poemdpo.models.generation import generate_samples  # noqa: E402
+from poemdpo.models.loading import load_for_inference  # noqa: E402
+
+VARIANTS = {"dynamic@64": (None, 64), "dynamic@256": (None, 256), "static@64": ("static", 64),
+            "static@256": ("static", 256)}
+
+
+def matmul_gflops(n: int = 2048, repeats: int = 10) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b  # warm-up
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="data/base_model", help="model directory (sampled from)")
+    parser.add_argument("--dataset", default="data/pairs_five_char", help="dataset whose validation titles to use")
+    parser.add_argument("--num_prompts", type=int, default=512, help="poems per variant")
+    parser.add_argument("--poems_per_title", type=int, default=4, help="poems per title, as in evaluate.py")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, from: " + ", ".join(VARIANTS))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    model, tokenizer = load_for_inference(args.model, device="cpu")
+    titles = sorted(set(load_held_out_poems(args.dataset, "validation")["title"]))
+    prompts = [t for t in titles for _ in range(args.poems_per_title)][: args.num_prompts]
+    weights = sum(p.numel() for name, p in model.named_parameters() if "embed_tokens" not in name)
+    if getattr(model.config, "tie_word_embeddings", False):
+        weights += model.get_output_embeddings().weight.numel()  # the tied LM head multiplies too
+    bound = matmul_gflops()
+    print(f"model {args.model}: {weights / 1e6:.2f}M multiplying weights; {len(prompts)} prompts; "
+          f"{args.threads} threads; fp32 matmul bound {bound:.0f} GFLOP/s")
+    print("| variant | seconds | poems/s | tokens/s | GFLOP/s (share of bound) | unfinished |")
+    print("|---|---|---|---|---|---|")
+    for name in args.variants.split(","):
+        cache, batch = VARIANTS[name]
+        generate_samples(model, tokenizer, prompts[:batch], batch_size=batch, cache_implementation=cache,
+                         max_new_tokens=16)  # warm-up: allocations, first-call set-up
+        start = time.perf_counter()
+        samples = generate_samples(model, tokenizer, prompts, batch_size=batch, cache_implementation=cache, seed=0)
+        seconds = time.perf_counter() - start
+        tokens = sum(len(tokenizer(s.text, add_special_tokens=False)["input_ids"]) + s.finished for s in samples)
+        gflops = 2 * weights * tokens / seconds / 1e9
+        print(f"| {name} | {seconds:.1f} | {len(samples) / seconds:.1f} | {tokens / seconds:.0f} | "
+              f"{gflops:.1f} ({100 * gflops / bound:.1f}%) | {sum(not s.finished for s in samples)} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
