@@ -8,6 +8,7 @@ prefix, eos vs end-of-turn, the card showing a prompt the model never saw) break
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -209,6 +210,8 @@ def test_evaluate_a_chat_model_through_its_template(tmp_path, base_dirs, pairs_d
     assert report["rewards"]["n_pairs"] == 4 and report["rewards"]["mean_margin"] != 0.0
     for name in ("aligned", "reference"):
         assert 0 < report["models"][name]["loss_per_char_preferred"] < 50
+    kl = report["models"]["aligned"]["kl_to_reference"]  # each poem under the chat prompt it was sampled with
+    assert kl["n"] == 6 and kl["mean"] != 0.0 and math.isfinite(kl["mean"]) and kl["n_tokens"] >= 6
     rows = [json.loads(line) for line in (tmp_path / "eval" / "poems.jsonl").read_text("utf-8").splitlines()]
     assert len(rows) == 6 and not any(mark in r[m]["text"] for r in rows for m in ("aligned", "reference")
                                       for mark in SPECIAL_MARKS)

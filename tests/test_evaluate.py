@@ -13,8 +13,10 @@ from test_generation import tiny_lm, tiny_tokenizer
 import build_dataset
 import evaluate
 from poemdpo.data.forms import classify
+from poemdpo.data.prompts import build_prompt
 from poemdpo.evaluation.evaluate import draw_titles, recorded_base_model
-from poemdpo.evaluation.metrics import counts_for_rule, wilson_interval
+from poemdpo.evaluation.metrics import counts_for_rule, kl_to_reference, wilson_interval
+from poemdpo.models.loading import load_for_inference
 from poemdpo.run_info import write_run_info
 
 LOG_HISTORY = [
@@ -85,6 +87,16 @@ def test_end_to_end_report_recomputes_from_its_own_poems(run_dirs, capsys):
             classify(r[name]["text"]).meter == "五言" for r in rows)
         assert m["n_held_out_preferred"] > 0 and m["n_held_out_other"] > 0
         assert 1.0 < m["loss_per_char_preferred"] < 20 and 1.0 < m["loss_per_char_other"] < 20
+    # KL to the reference on every one of the aligned model's poems (fewer than --max_kl_poems), recomputed from
+    # poems.jsonl with both models loaded afresh: the right poems, prompts and models went in.
+    kl = saved["models"]["aligned"]["kl_to_reference"]
+    assert kl["n"] == len(rows) and kl["temperature"] == 1.0 and kl["stderr"] > 0
+    (aligned, tok), (reference, _) = (load_for_inference(str(run_dirs[n]), device="cpu") for n in ("aligned",
+                                                                                                   "reference"))
+    again = kl_to_reference(aligned, reference, tok, [build_prompt(r["title"]) for r in rows],
+                            [r["aligned"]["text"] for r in rows], [r["aligned"]["finished"] for r in rows])
+    assert kl["mean"] == pytest.approx(again["mean"], rel=1e-5) and kl["n_tokens"] == again["n_tokens"]
+    assert "kl_to_reference" not in saved["models"]["reference"]
     paired = saved["paired_test"]
     assert paired["a_only"] == sum(r["aligned"]["counts"] and not r["reference"]["counts"] for r in rows)
     # The chapter's title leads the side-by-side table and is not counted.
@@ -93,10 +105,12 @@ def test_end_to_end_report_recomputes_from_its_own_poems(run_dirs, capsys):
 
     md = (out / "report.md").read_text(encoding="utf-8")
     assert "five_char, strict [95% Wilson CI]" in md and "\n| 春夜喜雨 |" in md
+    assert f"| KL to the reference on the aligned model's own poems [± s.e.] | {kl['mean']:.3f} ± " in md
     for png in ("form_distribution.png", "training_rewards.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     printed = capsys.readouterr().out
     assert "five_char on 6 random test titles" in printed and str(out / "report.md") in printed
+    assert f"KL        aligned ‖ reference {kl['mean']:.3f} ± {kl['stderr']:.3f} nats/poem" in printed
     assert report["rewards"] == saved["rewards"]
     # Nothing in the model directory was executed: the hostile pickle was never loaded.
     assert not (run_dirs["tmp"] / "pwned.txt").exists()
@@ -116,7 +130,8 @@ def test_titles_are_a_random_sample_of_every_held_out_poem(run_dirs):
 
 def test_report_follows_the_rule(run_dirs):
     report = run_eval(run_dirs, "--num_titles", "4", "--rule", "seven_char", "--output_dir",
-                      str(run_dirs["tmp"] / "seven"))
+                      str(run_dirs["tmp"] / "seven"), "--max_kl_poems", "5")
+    assert report["models"]["aligned"]["kl_to_reference"]["n"] == 5  # the first 5 of 16 poems
     rows = [json.loads(line) for line in (run_dirs["tmp"] / "seven" / "poems.jsonl").read_text("utf-8").splitlines()]
     assert report["rule"] == "seven_char"
     assert [r["aligned"]["counts"] for r in rows] == [
@@ -134,7 +149,10 @@ def test_compare_two_evaluations_on_the_same_slots(run_dirs, capsys):
     a = [json.loads(x)["aligned"]["counts"] for x in (first / "poems.jsonl").read_text("utf-8").splitlines()]
     assert result["n_pairs"] == len(a) == 16 and result["rate_a"] == sum(a) / 16
     assert "McNemar" in capsys.readouterr().out
-    run_eval(run_dirs, "--num_titles", "3", "--output_dir", str(run_dirs["tmp"] / "c"))
+    skipped = run_eval(run_dirs, "--num_titles", "3", "--output_dir", str(run_dirs["tmp"] / "c"), "--max_kl_poems", "0")
+    assert skipped["models"]["aligned"]["kl_to_reference"] is None
+    assert "| KL to the reference on the aligned model's own poems [± s.e.] | n/a |" in (
+        run_dirs["tmp"] / "c" / "report.md").read_text(encoding="utf-8")
     with pytest.raises(SystemExit):
         evaluate.main(["--compare", str(first), str(run_dirs["tmp"] / "c")])
     assert "different titles, seeds or poems per title" in capsys.readouterr().err
@@ -148,6 +166,8 @@ def test_a_policy_equal_to_its_reference_has_zero_rewards(run_dirs):
     assert report["training_settings"]["source"].startswith("default")
     assert report["rewards"]["n_pairs"] == 3
     assert report["rewards"]["mean_margin"] == 0.0 and report["rewards"]["reward_accuracy"] == 0.0
+    kl = report["models"]["aligned"]["kl_to_reference"]
+    assert kl["n"] == 2 * 4 and kl["mean"] == 0.0 and kl["per_token"] == 0.0  # the aligned model IS the reference
     assert report["models"]["aligned"]["rule_rate"] == report["models"]["reference"]["rule_rate"]
     assert report["paired_test"]["a_only"] == report["paired_test"]["b_only"] == 0
     assert report["plots"]["training rewards"].startswith("skipped")

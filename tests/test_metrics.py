@@ -1,4 +1,5 @@
-"""Metrics: Wilson intervals, form rates, distinct-n, loss per character and DPO reward statistics."""
+"""Metrics: Wilson intervals, form rates, distinct-n, loss per character, DPO reward statistics and the KL to the
+reference on sampled poems (against an exact KL enumerated over every poem of a tiny vocabulary)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,11 @@ import math
 import pytest
 import torch
 from test_generation import tiny_lm, tiny_tokenizer
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from poemdpo.data.prompts import build_prompt
+from poemdpo.errors import PoemDPOError
 from poemdpo.evaluation.metrics import (
     completion_logprobs,
     counts_for_rule,
@@ -17,14 +21,17 @@ from poemdpo.evaluation.metrics import (
     distinct_n,
     dpo_reward_stats,
     form_distribution,
+    kl_to_reference,
     loss_per_character,
     mcnemar_exact,
+    monte_carlo_kl,
     rate_of,
     score_completions,
     strict_five_rate,
     well_formed_rate,
     wilson_interval,
 )
+from poemdpo.models.generation import generate_samples
 
 FIVE_JUEJU = "白日依山盡，黃河入海流。\n欲窮千里目，更上一層樓。"
 FIVE_LUSHI = "空山新雨後，天氣晚來秋。\n明月松間照，清泉石上流。\n竹喧歸浣女，蓮動下漁舟。\n隨意春芳歇，王孫自可留。"
@@ -189,3 +196,111 @@ def test_mcnemar_exact_known_values():
     assert balanced["p_value"] == 1.0 and balanced["a_only"] == balanced["b_only"] == 4
     with pytest.raises(ValueError):
         mcnemar_exact([True], [True, False])
+
+
+# --- KL to the reference on sampled poems -----------------------------------------------------------------------
+
+
+def test_monte_carlo_kl_by_hand():
+    kl = monte_carlo_kl([1.0, 2.0, 3.0], [1, 1, 2])
+    assert (kl["mean"], kl["per_token"], kl["n"], kl["n_tokens"]) == (2.0, 1.5, 3, 4)
+    assert kl["stderr"] == pytest.approx(1 / math.sqrt(3))  # sample sd 1, over √3
+    assert monte_carlo_kl([-0.5], [2]) == {"mean": -0.5, "stderr": None, "per_token": -0.25, "n": 1, "n_tokens": 2}
+    with pytest.raises(PoemDPOError, match="no sampled poems"):
+        monte_carlo_kl([], [])
+    with pytest.raises(PoemDPOError, match="2 log-ratios but 1 token counts"):
+        monte_carlo_kl([1.0, 2.0], [3])
+
+
+def test_kl_of_a_policy_equal_to_its_reference_is_zero(tok, model):
+    titles = ["月", "山中", "秋夜長思故鄉"] * 3
+    samples = generate_samples(model, tok, titles, max_new_tokens=24, seed=0)
+    kl = kl_to_reference(model, copy.deepcopy(model), tok, [build_prompt(t) for t in titles],
+                         [s.text for s in samples], [s.finished for s in samples], batch_size=4)
+    assert kl["n"] == 9 and kl["n_tokens"] > 9
+    assert kl["mean"] == 0.0 and kl["stderr"] == 0.0 and kl["per_token"] == 0.0
+    with pytest.raises(PoemDPOError, match="1 prompts, 2 completions and 2 finished flags"):
+        kl_to_reference(model, model, tok, ["x"], ["a", "b"], [True, True])
+
+
+# A vocabulary small enough to enumerate every poem of up to MAX_TOKENS tokens, where every token the model can
+# sample reads back as itself: <unk> is written □ and re-encodes to <unk>, eos ends the poem, pad is eos.
+ENUM_VOCAB = {"<unk>": 0, "</s>": 1, "山": 2, "水": 3, "。": 4}
+EOS, MAX_TOKENS = 1, 4
+
+
+def enumerable_tokenizer() -> PreTrainedTokenizerFast:
+    backend = Tokenizer(models.WordLevel(vocab=ENUM_VOCAB, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ("<unk>", "</s>")])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>", pad_token="</s>", unk_token="<unk>")
+
+
+def enumerable_lm(seed: int, sharpness: float) -> LlamaForCausalLM:
+    """A random tiny Llama over ENUM_VOCAB; `sharpness` scales its logits, so two of them differ clearly."""
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(ENUM_VOCAB), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, max_position_embeddings=64, tie_word_embeddings=False, bos_token_id=None,
+        eos_token_id=EOS, pad_token_id=EOS,
+    ))
+    with torch.no_grad():
+        model.lm_head.weight.mul_(sharpness)
+    return model.eval()
+
+
+@torch.no_grad()
+def exact_kl(policy, reference, prompt_ids: list[int]) -> float:
+    """KL(π‖π_ref) over every poem the sampler can write: sequences ending in eos, or cut at MAX_TOKENS. Summed
+    over the tree of prefixes: P_π(prefix) × KL of the next-token distributions, with plain forward passes."""
+    total, frontier = 0.0, [((), 1.0)]  # prefixes without eos, and their probability under the policy
+    for _ in range(MAX_TOKENS):
+        ids = torch.tensor([prompt_ids + list(prefix) for prefix, _ in frontier])
+        log_p = torch.log_softmax(policy(input_ids=ids).logits[:, -1].double(), dim=-1)
+        log_q = torch.log_softmax(reference(input_ids=ids).logits[:, -1].double(), dim=-1)
+        following = []
+        for row, (prefix, prob) in enumerate(frontier):
+            total += prob * (log_p[row].exp() * (log_p[row] - log_q[row])).sum().item()
+            following += [(prefix + (v,), prob * log_p[row, v].exp().item()) for v in ENUM_VOCAB.values() if v != EOS]
+        frontier = following
+    return total
+
+
+@torch.no_grad()
+def direct_log_ratio(policy, reference, prompt_ids: list[int], text: str, finished: bool) -> float:
+    """log π(poem) − log π_ref(poem) from one forward pass each, the poem's ids written by hand."""
+    poem = [ENUM_VOCAB.get(c, ENUM_VOCAB["<unk>"]) for c in text] + ([EOS] if finished else [])  # □ is <unk>
+    ids = torch.tensor([prompt_ids + poem])
+    result = 0.0
+    for model, sign in ((policy, 1.0), (reference, -1.0)):
+        log_p = torch.log_softmax(model(input_ids=ids).logits[0].double(), dim=-1)
+        result += sign * sum(log_p[len(prompt_ids) + i - 1, t].item() for i, t in enumerate(poem))
+    return result
+
+
+def test_kl_on_samples_matches_the_exact_kl_of_an_enumerable_model():
+    tok = enumerable_tokenizer()
+    policy, reference = enumerable_lm(1, sharpness=3.0), enumerable_lm(0, sharpness=1.0)
+    prompt = build_prompt("月")
+    prompt_ids = tok(prompt)["input_ids"]
+    exact = exact_kl(policy, reference, prompt_ids)
+    assert exact > 0.05
+
+    n = 2000
+    samples = generate_samples(policy, tok, ["月"] * n, max_new_tokens=MAX_TOKENS, seed=0)
+    assert 0 < sum(s.finished for s in samples) < n  # both kinds of poem: with eos, and cut at the limit
+    assert any("□" in s.text for s in samples)  # <unk> sampled, and scored as itself
+    texts, finished = [s.text for s in samples], [s.finished for s in samples]
+    kl = kl_to_reference(policy, reference, tok, [prompt] * n, texts, finished, batch_size=256)
+    assert kl["n"] == n and kl["mean"] > 0 and kl["per_token"] > 0
+    # Unbiased: within 4 standard errors of the exact value (and the standard error is small against it).
+    assert abs(kl["mean"] - exact) < 4 * kl["stderr"] and kl["stderr"] < exact / 5
+
+    # Each poem's log-ratio is the plain forward passes' difference, eos counted only for a finished poem.
+    few = 40
+    rows = list(zip(texts[:few], finished[:few], strict=True))
+    direct = [direct_log_ratio(policy, reference, prompt_ids, t, f) for t, f in rows]
+    small = kl_to_reference(policy, reference, tok, [prompt] * few, texts[:few], finished[:few], batch_size=7)
+    assert small["mean"] == pytest.approx(sum(direct) / few, abs=1e-5)
+    assert small["n_tokens"] == sum(len(t) + f for t, f in rows)

@@ -9,6 +9,8 @@
   title and sample slots; `evaluate.py --compare A B` the same test between two evaluations.
 - The report follows the rule: held-out loss per character on the poems the rule prefers and on the others; DPO
   rewards computed as the recipe computed them (β and `ld_alpha` from the model's `poemdpo.json`).
+- How far the aligned model moved: KL(π‖π_ref) estimated on its own sampled poems (`metrics.kl_to_reference`),
+  per poem and per token, with its standard error.
 Nothing in a model directory is executed: run settings come from plain JSON, never the Trainer's pickles.
 """
 
@@ -36,6 +38,7 @@ from poemdpo.evaluation.metrics import (
     distinct_n,
     dpo_reward_stats,
     form_distribution,
+    kl_to_reference,
     loss_per_character,
     mcnemar_exact,
     rate_with_interval,
@@ -111,6 +114,11 @@ class EvalArguments:
     )
     max_held_out_poems: int | None = field(
         default=1000, metadata={"help": "Score the first N preferred and N other held-out poems for loss."}
+    )
+    max_kl_poems: int | None = field(
+        default=1000,
+        metadata={"help": "Estimate KL(aligned ‖ reference) on the first N of the aligned model's sampled poems "
+                  "(all if unset, none if 0): each is scored by both models."},
     )
     max_length: int | None = field(
         default=None,
@@ -278,6 +286,21 @@ def held_out_loss(model, tokenizer, chat: bool, poems: Dataset, rule: str, limit
     return result
 
 
+def sampled_kl(policy, reference, tokenizer, records: list[dict], limit: int | None, temperature: float,
+               batch_size: int, max_length: int) -> dict | None:
+    """KL(π‖π_ref) on the first `limit` of the aligned model's own poems (`metrics.kl_to_reference`), each under
+    the prompt it was sampled with (the chat template when the tokenizer has one, as `generate_samples` does);
+    None when `limit` is 0. Records the sampling temperature: only at 1.0 is the mean an estimate of the KL."""
+    records = records[:limit] if limit is not None else records
+    if not records:
+        return None
+    chat = bool(getattr(tokenizer, "chat_template", None))
+    prompts, completions = scoring_rows(chat, [r["title"] for r in records], [r["text"] for r in records])
+    kl = kl_to_reference(policy, reference, tokenizer, prompts, completions, [r["finished"] for r in records],
+                         batch_size=batch_size, max_length=max_length, progress=True)
+    return kl | {"temperature": temperature}
+
+
 def training_log(model: str) -> tuple[list[dict], str | None]:
     """The Trainer's log history (plain JSON) from the model dir or its latest checkpoint."""
     directory = Path(model)
@@ -307,6 +330,17 @@ def _num(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.3f}"
 
 
+def kl_text(kl: dict | None) -> str:
+    """`0.123 ± 0.004 nats/poem, 0.0021/token (n = 1000)`, or n/a when it was not estimated."""
+    if not kl:
+        return "n/a"
+    stderr = "" if kl["stderr"] is None else f" ± {kl['stderr']:.3f}"
+    per_token = "n/a" if kl["per_token"] is None else f"{kl['per_token']:.4f}"
+    temperature = kl.get("temperature", 1.0)
+    caveat = "" if temperature == 1.0 else f", sampled at temperature {temperature}: not KL(π‖π_ref)"
+    return f"{kl['mean']:.3f}{stderr} nats/poem, {per_token}/token (n = {kl['n']}{caveat})"
+
+
 def markdown_report(report: dict) -> str:
     aligned, reference = report["models"]["aligned"], report["models"]["reference"]
     both = (aligned, reference)
@@ -323,6 +357,8 @@ def markdown_report(report: dict) -> str:
         ("distinct-1 / distinct-2", *(f"{_num(m['distinct_1'])} / {_num(m['distinct_2'])}" for m in both)),
         (f"held-out loss/char, poems {rule} prefers", *(_num(m["loss_per_char_preferred"]) for m in both)),
         ("held-out loss/char, other poems", *(_num(m["loss_per_char_other"]) for m in both)),
+        ("KL to the reference on the aligned model's own poems [± s.e.]",
+         kl_text(aligned.get("kl_to_reference")), "0 (itself)"),
     ]
     checks = ("applicable", *prosody.CHECKS, "helv")
     labels = {"applicable": "regulated shape (五言/七言, 4 or 8 lines, finished)", **prosody.CHECKS, "helv": "合律"}
@@ -354,6 +390,10 @@ def markdown_report(report: dict) -> str:
         "Loss per character = summed NLL of the poem's tokens and eos / the poem's characters, each poem under "
         "its own title, in the prompt format the model was trained with.",
         "",
+        "KL to the reference = the mean over the aligned model's own sampled poems of log π(poem | title) − "
+        "log π_ref(poem | title), summed over the poem's tokens and eos when it finished (a Monte-Carlo estimate of "
+        "KL(π‖π_ref), unbiased for poems sampled from π at temperature 1); per token = summed log-ratios / tokens.",
+        "",
         "## Plots",
         "",
     ]
@@ -381,6 +421,9 @@ def headline(report: dict) -> str:
                f"{test['p_value']:.3g}")
     out.append(f"rewards   accuracy {_pct(r['reward_accuracy'])}  mean margin {r['mean_margin']:.3f}  "
                f"(β={r['beta']}, ld_alpha={r['ld_alpha']})")
+    kl = report["models"]["aligned"].get("kl_to_reference")
+    if kl:
+        out.append(f"KL        aligned ‖ reference {kl_text(kl)}, on the aligned model's own poems")
     return "\n".join(out)
 
 
@@ -413,6 +456,8 @@ def run(args: EvalArguments) -> dict:
         raise PoemDPOError("--model is required (the aligned model's directory or Hub id)")
     if min(args.poems_per_title, args.seeds, args.batch_size, args.sample_batch_size) < 1:
         raise PoemDPOError("poems_per_title, seeds, batch_size and sample_batch_size must each be at least 1")
+    if args.max_kl_poems is not None and args.max_kl_poems < 0:
+        raise PoemDPOError(f"max_kl_poems must be 0 (no KL estimate) or more, got {args.max_kl_poems}")
     check_model_path(args.model, "aligned model")
     info = read_run_info(args.model)
     args.reference = check_model_path(resolve_reference(args), "reference model")
@@ -470,6 +515,10 @@ def run(args: EvalArguments) -> dict:
             | held_out_loss(model, tokenizer, chat, poems, rule, args.max_held_out_poems, args.batch_size, max_length)
             | {"max_new_tokens": max_new_tokens}
         )
+    models["aligned"]["kl_to_reference"] = sampled_kl(
+        policy, reference, policy_tok, records["aligned"], args.max_kl_poems, args.temperature, args.batch_size,
+        max_length,
+    )
     pair_rows = pairs[args.split].select(range(min(len(pairs[args.split]), args.max_eval_pairs or 10**9)))
     prompts, chosen = scoring_rows(chat, pair_rows["title"], pair_rows["chosen"])
     _, rejected = scoring_rows(chat, pair_rows["title"], pair_rows["rejected"])

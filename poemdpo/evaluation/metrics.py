@@ -1,4 +1,5 @@
-"""Evaluation metrics: form rates with confidence intervals, diversity, held-out loss, DPO rewards.
+"""Evaluation metrics: form rates with confidence intervals, diversity, held-out loss, DPO rewards, KL to the
+reference on the policy's own samples.
 
 The text metrics are pure functions of poem strings. The model metrics share one scorer,
 `score_completions`, which tokenizes exactly as TRL's DPOTrainer does (prompt, then prompt + completion + eos,
@@ -19,6 +20,7 @@ from trl.trainer.utils import pad, selective_log_softmax
 
 from poemdpo.data.forms import classify, is_degenerate, is_strict_five, is_well_formed, split_lines
 from poemdpo.data.rules import preferred
+from poemdpo.errors import PoemDPOError
 
 Z_95 = 1.959963984540054  # two-sided 95% quantile of the standard normal
 METERS = ("五言", "七言", "杂言")
@@ -268,6 +270,59 @@ def dpo_reward_stats(
         "mean_chosen_reward": chosen.mean().item(),
         "mean_rejected_reward": rejected.mean().item(),
     }
+
+
+def monte_carlo_kl(log_ratios: Sequence[float], n_tokens: Sequence[int]) -> dict:
+    """KL(π‖π_ref) ≈ mean over poems y the policy itself sampled of log π(y|x) − log π_ref(y|x), in nats.
+
+    This plain Monte-Carlo mean is unbiased for samples drawn from π (KL is by definition E_{y~π}[log π/π_ref]) and
+    needs only the two sequence log-probs; being unbiased it can come out below 0 on few poems, which is noise.
+    `stderr` is the sample standard deviation / √n (None for fewer than 2 poems); `per_token` is the summed
+    log-ratio over the summed tokens, i.e. the mean KL per token of a poem (eos included).
+    """
+    if len(log_ratios) != len(n_tokens):
+        raise PoemDPOError(f"{len(log_ratios)} log-ratios but {len(n_tokens)} token counts")
+    n = len(log_ratios)
+    if n == 0:
+        raise PoemDPOError("no sampled poems to estimate the KL to the reference on")
+    mean = math.fsum(log_ratios) / n
+    stderr = math.sqrt(math.fsum((x - mean) ** 2 for x in log_ratios) / (n - 1) / n) if n > 1 else None
+    tokens = sum(n_tokens)
+    return {"mean": mean, "stderr": stderr, "per_token": math.fsum(log_ratios) / tokens if tokens else None,
+            "n": n, "n_tokens": tokens}
+
+
+def kl_to_reference(
+    policy,
+    reference,
+    tokenizer,
+    prompts: Sequence[str | list],
+    completions: Sequence[str | list],
+    finished: Sequence[bool],
+    *,
+    batch_size: int = 16,
+    max_length: int | None = None,
+    progress: bool = False,
+) -> dict:
+    """`monte_carlo_kl` on poems the policy sampled: each (prompt, completion) scored by both models with
+    `score_completions`, summing the poem's tokens plus eos when it finished (`finished`); an unfinished poem is
+    scored as the prefix it is. Pass only the policy's own samples at temperature 1: for anything else the mean
+    is not KL(π‖π_ref). A conversational row (a chat model) is scored through its chat template, whose
+    end-of-turn tokens stand in for the stop token, also for an unfinished poem.
+    """
+    if not len(prompts) == len(completions) == len(finished):
+        raise PoemDPOError(f"{len(prompts)} prompts, {len(completions)} completions and {len(finished)} finished "
+                           "flags: need one of each per sampled poem")
+    if tokenizer.eos_token is None and any(finished):
+        raise PoemDPOError("the tokenizer has no eos_token: a finished poem's stop token cannot be scored")
+    # eos appended here, per poem, so an unfinished poem is not scored as if it had stopped.
+    texts = [c + tokenizer.eos_token if isinstance(c, str) and done else c
+             for c, done in zip(completions, finished, strict=True)]
+    kwargs = {"batch_size": batch_size, "add_eos": False, "max_length": max_length, "progress": progress}
+    ours = score_completions(policy, tokenizer, prompts, texts, desc="KL: policy log-probs", **kwargs)
+    theirs = score_completions(reference, tokenizer, prompts, texts, desc="KL: reference log-probs", **kwargs)
+    ratios = [math.fsum(p) - math.fsum(r) for (p, _), (r, _) in zip(ours, theirs, strict=True)]
+    return monte_carlo_kl(ratios, [len(ids) for _, ids in ours])
 
 
 # --- strict counting and paired tests -----------------------------------------------------------
