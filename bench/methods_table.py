@@ -1,0 +1,352 @@
+"""The methods table of issue #14: every road that trains a policy, each trained with several seeds, measured by
+evaluate.py's protocol on the test split, in one Markdown table (docs/methods_table.md).
+
+    python build_dataset.py                  # data/pairs_five_char, if missing
+    python train_base.py                     # data/base_model, if missing
+    python bench/methods_table.py            # dpo, chapter_unlikelihood, chapter_linear, grpo, rloo, grpo_reward_model
+                                             # x 3 training seeds -> docs/methods_table.md
+    python bench/methods_table.py --methods dpo,grpo --seeds 1 --output /tmp/methods_table.md
+    python bench/methods_table.py --methods dpo,chapter_linear --seeds 1 --extra '--max_steps 2' \\
+        --num_titles 8 --poems_per_title 2 --work_dir /tmp/methods --output /tmp/methods_table.md   # a smoke run
+    python bench/methods_table.py --resume   # after a crash: runs with a run.json are read, not trained again
+
+How long it takes is unknown until measured: nobody has run the whole table, and one row is --seeds x (training +
+evaluation) of its method. Each run's training minutes (wall time of the training script) land in the table,
+and each run's evaluation seconds in <run>/eval/report.json ("seconds"); read them off the first row before
+waiting for the rest. Parts measured elsewhere, for orientation only: the README's one pipeline run (DPO 6.4 min,
+evaluation 7.2 min on a quiet 2-core CPU, before evaluation scored the KL) and the GRPO recipe's trial (150 steps,
+5.7 min, configs/grpo_tiny_cpu.yaml).
+
+Each run is the method's training script and recipe exactly as `python -m poemdpo.pipeline --method M` runs it
+(poemdpo.pipeline.METHODS: same script, recipe, model, dataset and rule flags), plus `--seed s` and then --extra,
+in a child process whose output goes to <work_dir>/<method>/seed_<s>/train.log; grpo_reward_model first trains its
+judge (train_reward.py, the same seed and --extra) into <run>/judge, and its minutes and pairs are counted in the
+row. Training seeds are --first_seed, --first_seed + 1, ... (42 is the recipes' own). Then
+`poemdpo.evaluation.evaluate.run` on the **test** split against --base_model: the same random titles (title seed 0),
+--poems_per_title poems each, sampling seed 0 for every run, so every run's poems pair slot by slot with dpo's.
+
+A row pools its seeds: the strict rate from the pooled counts (`evaluate.pooled_rule_rate`) with its Wilson
+interval; well-formed and degenerate from pooled counts; distinct-2, loss per character, training minutes and what
+was consumed as means over seeds; KL over every scored poem of every seed (± its standard error); the exact McNemar
+test against dpo on the discordant slots of every seed together (`recipe_sweep.pooled_test`: seed s of a method
+against seed s of dpo, slots of different seeds taken as independent). Consumed: pairs for the train_dpo.py methods
+(the final trainer_state.json's epoch × the pairs in poemdpo.json; n/a when a run saved no checkpoint), poems
+written for the RL methods (poemdpo.json's completions). The reference row is the base model's poems for the same
+slots (the same in every run), tested against dpo the same way. dpo always runs: every row is tested against it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.recipe_sweep import _num, _paired, _pct, _rate, pooled_test  # noqa: E402
+from poemdpo.data.rules import RULES  # noqa: E402
+from poemdpo.errors import PoemDPOError  # noqa: E402
+from poemdpo.evaluation.evaluate import EvalArguments, compare, pooled_rule_rate, run, training_log  # noqa: E402
+from poemdpo.evaluation.tables import markdown_table  # noqa: E402
+from poemdpo.models.loading import looks_local  # noqa: E402
+from poemdpo.pipeline import METHODS  # noqa: E402
+from poemdpo.run_info import read_run_info  # noqa: E402
+
+BASELINE = "dpo"
+JUDGE = "reward_model"  # the method whose script trains grpo_reward_model's judge
+POLICY_METHODS = [m for m in METHODS if m != JUDGE]  # the reward model alone writes no poems
+TITLE_SEED, SAMPLING_SEED = 0, 0  # the same test titles and sample slots for every run
+RUN_RECORD = "run.json"
+HEADER = ("method", "{rule}, strict, seeds pooled [95% Wilson]", "well-formed", "degenerate", "distinct-2",
+          "held-out loss/char (preferred)", "KL to reference, nats/poem ± s.e. (per token)", "training min / seed",
+          "consumed / seed", "method only / dpo only", "McNemar p vs dpo")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", default=",".join(POLICY_METHODS),
+                        help=f"comma-separated, from {POLICY_METHODS}; dpo always runs (the paired tests' baseline)")
+    parser.add_argument("--seeds", type=int, default=3, help="training seeds per method")
+    parser.add_argument("--first_seed", type=int, default=42, help="the first training seed (the recipes' own is 42)")
+    parser.add_argument("--rule", default="five_char", choices=sorted(RULES), help="the rule trained for and counted")
+    parser.add_argument("--base_model", default="data/base_model", help="the starting model and the reference")
+    parser.add_argument("--dataset", default=None, help="pairs from build_dataset.py (default: data/pairs_<rule>)")
+    parser.add_argument("--work_dir", default="data/methods",
+                        help="runs go to <work_dir>/<method>/seed_<s> (a run there is replaced, unless --resume)")
+    parser.add_argument("--extra", default="",
+                        help="overrides for every training run, e.g. '--max_steps 2' (one flag alone: --extra=--flag)")
+    parser.add_argument("--num_titles", type=int, default=300, help="random test titles")
+    parser.add_argument("--poems_per_title", type=int, default=4, help="poems per title (K)")
+    parser.add_argument("--output", default="docs/methods_table.md", help="where the Markdown table goes")
+    parser.add_argument("--resume", action="store_true",
+                        help="read runs that finished (their run.json) instead of training them again")
+    parser.add_argument("--keep_checkpoints", action="store_true",
+                        help="keep each run's checkpoint-* directories (default: deleted once its figures are read)")
+    args = parser.parse_args(argv)
+    args.dataset = args.dataset or f"data/pairs_{args.rule}"
+    try:
+        args.methods = methods_of(args.methods)
+        check_inputs(args)
+    except PoemDPOError as e:
+        parser.error(str(e))
+    # Children run in the repository root (the recipes' relative paths); local paths are absolute for them.
+    for name in ("base_model", "dataset", "work_dir"):
+        value = getattr(args, name)
+        if looks_local(value):
+            setattr(args, name, str(Path(value).resolve()))
+    return args
+
+
+def methods_of(text: str) -> list[str]:
+    """The --methods list, dpo first and always; unknown names and the reward model (no policy) refused."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in POLICY_METHODS]
+    if unknown:
+        hint = " (it trains no policy: python -m poemdpo.pipeline --method reward_model reports its accuracy)" \
+            if JUDGE in unknown else ""
+        raise PoemDPOError(f"--methods: unknown method(s) {unknown}{hint}; choose from {POLICY_METHODS}")
+    return [BASELINE, *dict.fromkeys(n for n in names if n != BASELINE)]
+
+
+def check_inputs(args: argparse.Namespace) -> None:
+    """Stop before the first hour of training on what would stop the table later."""
+    if args.seeds < 1 or args.num_titles < 1 or args.poems_per_title < 1:
+        raise PoemDPOError(f"--seeds, --num_titles and --poems_per_title must each be at least 1, got {args.seeds}, "
+                           f"{args.num_titles} and {args.poems_per_title}")
+    if not Path(args.dataset).is_dir():
+        raise PoemDPOError(f"--dataset {args.dataset!r} does not exist; build it with: python build_dataset.py "
+                           f"--rule {args.rule} --output_dir {args.dataset}")
+    if looks_local(args.base_model) and not (Path(args.base_model) / "config.json").is_file():
+        raise PoemDPOError(f"--base_model {args.base_model!r} has no config.json; train it with: python train_base.py "
+                           f"--output_dir {args.base_model}")
+
+
+# --- one run --------------------------------------------------------------------------------------------------------
+
+
+def run_script(command: list[str], log: Path) -> float:
+    """`python <command>` in the repository root, its output appended to `log`; the wall seconds it took."""
+    with log.open("a", encoding="utf-8") as f:
+        f.write(f"$ python {shlex.join(command)}\n")
+        f.flush()
+        start = time.perf_counter()
+        result = subprocess.run([sys.executable, *command], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+        seconds = time.perf_counter() - start
+    if result.returncode != 0:
+        raise PoemDPOError(f"{command[0]} failed (exit code {result.returncode}); its output is in {log}")
+    return seconds
+
+
+def pairs_consumed(model_dir: Path) -> float | None:
+    """Pairs a train_dpo.py / train_reward.py run went through: the epochs of its last trainer_state.json (the final
+    checkpoint's) × the pairs its poemdpo.json records. None without a checkpoint (--save_strategy no)."""
+    _, state = training_log(str(model_dir))  # the model directory's trainer_state.json, else the newest checkpoint's
+    epoch = json.loads(Path(state).read_text(encoding="utf-8")).get("epoch") if state else None
+    pairs = read_run_info(model_dir).get("train_pairs")
+    return epoch * pairs if epoch is not None and pairs is not None else None
+
+
+def consumed(method: str, model_dir: Path, judge_dir: Path | None) -> dict:
+    """{"pairs": n} for train_dpo.py's methods, {"poems": n} for train_rl.py's (plus "judge_pairs")."""
+    if METHODS[method][0] == "train_rl.py":
+        result = {"poems": read_run_info(model_dir).get("completions")}
+    else:
+        result = {"pairs": pairs_consumed(model_dir)}
+    if judge_dir is not None:
+        result["judge_pairs"] = pairs_consumed(judge_dir)
+    return result
+
+
+def train_and_evaluate(method: str, seed: int, args: argparse.Namespace, extra: list[str]) -> dict:
+    """Train `method` with `seed`, evaluate it on test, record <run>/run.json and return the record."""
+    run_dir = Path(args.work_dir) / method / f"seed_{seed}"
+    if args.resume and (run_dir / RUN_RECORD).is_file():
+        print(f"{method} seed {seed}: read from {run_dir / RUN_RECORD}", file=sys.stderr, flush=True)
+        return json.loads((run_dir / RUN_RECORD).read_text(encoding="utf-8"))
+    shutil.rmtree(run_dir, ignore_errors=True)  # nothing of an earlier run in this one's figures
+    run_dir.mkdir(parents=True)
+    model_dir, log = run_dir / "model", run_dir / "train.log"
+    script, recipe, method_args = METHODS[method]
+    common = ["--model_name_or_path", args.base_model, "--dataset_name", args.dataset, "--rule", args.rule,
+              "--seed", str(seed)]
+    commands, judge_dir = [], None
+    if method == "grpo_reward_model":
+        judge_dir = run_dir / "judge"
+        judge_script, judge_recipe, _ = METHODS[JUDGE]
+        commands.append([judge_script, "--config", judge_recipe, *common, "--output_dir", str(judge_dir), *extra])
+        method_args = (*method_args, "--reward_model", str(judge_dir))
+    commands.append([script, *method_args, "--config", recipe, *common, "--output_dir", str(model_dir), *extra])
+
+    print(f"{method} seed {seed}: training, log in {log}", file=sys.stderr, flush=True)
+    seconds = [run_script(command, log) for command in commands]
+    print(f"{method} seed {seed}: evaluating", file=sys.stderr, flush=True)
+    with contextlib.redirect_stdout(sys.stderr):  # stdout is the table
+        report = run(EvalArguments(model=str(model_dir), reference=args.base_model, dataset=args.dataset,
+                                   split="test", rule=args.rule, num_titles=args.num_titles,
+                                   poems_per_title=args.poems_per_title, seeds=1, seed=SAMPLING_SEED,
+                                   title_seed=TITLE_SEED, output_dir=str(run_dir / "eval")))
+    record = {
+        "method": method, "seed": seed, "model": str(model_dir), "eval": str(run_dir / "eval"),
+        "train_seconds": seconds[-1], "judge_seconds": seconds[0] if judge_dir else None,
+        "consumed": consumed(method, model_dir, judge_dir), "eval_seconds": report["seconds"],
+        "commands": [["python", *command] for command in commands],
+    }
+    if not args.keep_checkpoints:  # the figures are read: the optimizer states are the bulk of a run on disk
+        for directory in (d for d in (model_dir, judge_dir) if d is not None):
+            for checkpoint in directory.glob("checkpoint-*"):
+                shutil.rmtree(checkpoint)
+    (run_dir / RUN_RECORD).write_text(json.dumps(record, ensure_ascii=False, indent=2), encoding="utf-8")
+    aligned = report["models"]["aligned"]
+    print(f"{method} seed {seed}: {_rate(aligned['rule_rate'])}, trained in {seconds_total(record) / 60:.1f} min",
+          file=sys.stderr, flush=True)
+    return record
+
+
+def seconds_total(record: dict) -> float:
+    return record["train_seconds"] + (record["judge_seconds"] or 0.0)
+
+
+# --- the table ------------------------------------------------------------------------------------------------------
+
+
+def read_report(record: dict) -> dict:
+    path = Path(record["eval"]) / "report.json"
+    if not path.is_file():
+        raise PoemDPOError(f"{path} is missing: run {record['method']} seed {record['seed']} again (without --resume)")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def pooled_share(reports: list[dict], model: str, key: str) -> float:
+    """A per-poem rate of several evaluations (well-formed, degenerate) pooled by their poem counts."""
+    models = [r["models"][model] for r in reports]
+    return sum(m[key] * m["n_poems"] for m in models) / sum(m["n_poems"] for m in models)
+
+
+def mean(values: list[float | None]) -> float | None:
+    return None if not values or any(v is None for v in values) else sum(values) / len(values)
+
+
+def pooled_kl(kls: list[dict | None]) -> dict | None:
+    """KL estimates of several seeds as one over all their poems: the mean weighted by poems, its standard error
+    from each seed's (independent samples), per token over all their tokens."""
+    if not kls or any(k is None for k in kls):
+        return None
+    n = sum(k["n"] for k in kls)
+    total = sum(k["mean"] * k["n"] for k in kls)
+    stderrs = [k["stderr"] for k in kls]
+    stderr = None if any(s is None for s in stderrs) else math.sqrt(
+        sum((s * k["n"]) ** 2 for s, k in zip(stderrs, kls, strict=True))) / n
+    tokens = sum(k["n_tokens"] for k in kls)
+    return {"mean": total / n, "stderr": stderr, "per_token": total / tokens if tokens else None, "n": n}
+
+
+def kl_cell(kl: dict | None) -> str:
+    if kl is None:
+        return "n/a"
+    stderr = "" if kl["stderr"] is None else f" ± {kl['stderr']:.3f}"
+    per_token = "" if kl["per_token"] is None else f" ({kl['per_token']:.4f})"
+    return f"{kl['mean']:.3f}{stderr}{per_token}"
+
+
+def consumed_cell(records: list[dict]) -> str:
+    parts = []
+    for key, unit in (("pairs", "pairs"), ("poems", "poems"), ("judge_pairs", "judge pairs")):
+        if key in records[0]["consumed"]:
+            value = mean([r["consumed"][key] for r in records])
+            parts.append("n/a" if value is None else f"{value:,.0f} {unit}")
+    return " + ".join(parts)
+
+
+def flipped(test: dict) -> dict:
+    """An aligned-vs-reference paired test read the other way round: reference only, aligned only."""
+    return {"a_only": test["b_only"], "b_only": test["a_only"]}
+
+
+def render(runs: dict[str, list[dict]], args: argparse.Namespace) -> str:
+    """The Markdown: the pooled table (reference row first), then every run."""
+    reports = {method: [read_report(r) for r in records] for method, records in runs.items()}
+    baseline = runs[BASELINE]
+    rows = []
+    first = reports[BASELINE][0]
+    reference = first["models"]["reference"]
+    reference_test = pooled_test([flipped(r["paired_test"]) for r in reports[BASELINE]])
+    rows.append(["reference (the base model)", _rate(reference["rule_rate"]), _pct(reference["well_formed_rate"]),
+                 _pct(reference["degenerate_rate"]), _num(reference["distinct_2"]),
+                 _num(reference["loss_per_char_preferred"]), "0 (itself)", "—", "—", *_paired(reference_test)])
+    for method, records in runs.items():
+        mine = reports[method]
+        test = None if method == BASELINE else pooled_test(
+            [compare(r["eval"], b["eval"]) for r, b in zip(records, baseline, strict=True)])
+        minutes = mean([seconds_total(r) / 60 for r in records])
+        rows.append([
+            method, _rate(pooled_rule_rate([r["eval"] for r in records])["aligned"]),
+            _pct(pooled_share(mine, "aligned", "well_formed_rate")),
+            _pct(pooled_share(mine, "aligned", "degenerate_rate")),
+            _num(mean([r["models"]["aligned"]["distinct_2"] for r in mine])),
+            _num(mean([r["models"]["aligned"]["loss_per_char_preferred"] for r in mine])),
+            kl_cell(pooled_kl([r["models"]["aligned"].get("kl_to_reference") for r in mine])),
+            f"{minutes:.1f}", consumed_cell(records), *_paired(test),
+        ])
+    per_run = [[r["method"], r["seed"], _rate(rep["models"]["aligned"]["rule_rate"]),
+                kl_cell(rep["models"]["aligned"].get("kl_to_reference")), f"{seconds_total(r) / 60:.1f}",
+                consumed_cell([r]), f"`{r['eval']}`"]
+               for method, records in runs.items() for r, rep in zip(records, reports[method], strict=True)]
+    seeds = [r["seed"] for r in baseline]
+    lines = [
+        "# Methods table (issue #14)",
+        "",
+        f"- base model (start and reference): `{args.base_model}`; pairs and test titles: `{args.dataset}`; rule "
+        f"`{first['rule']}`",
+        f"- test split: {first['titles_source']}, {args.poems_per_title} poems each, sampling seed {SAMPLING_SEED}: "
+        f"the same slots for every run; training seeds {seeds}"
+        + (f"; every training run with `{args.extra}`" if args.extra else ""),
+        "- each row pools its seeds: strict rate, well-formed and degenerate from pooled counts; distinct-2, loss, "
+        "minutes and consumption as means per seed; KL over every seed's poems; the exact McNemar test against dpo "
+        "on the discordant slots of every seed (seed s against dpo's seed s)",
+        "- KL to reference: mean over the method's own sampled poems of log π(poem) − log π_ref(poem), nats per "
+        "poem ± standard error (per token); training minutes: wall time of the training script (grpo_reward_model: "
+        "its judge's too); consumed: pairs gone through (train_dpo.py) or poems written (train_rl.py)",
+        "",
+        markdown_table([h.format(rule=first["rule"]) for h in HEADER], rows),
+        "",
+        "## Every run",
+        "",
+        markdown_table(("method", "training seed", "strict [95% Wilson]", "KL ± s.e. (per token)", "training min",
+                        "consumed", "evaluation"), per_run),
+        "",
+        f"Written by `{' '.join(['python bench/methods_table.py', shlex.join(args.argv)]).strip()}`.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    args.argv = argv
+    extra = shlex.split(args.extra)
+    seeds = [args.first_seed + i for i in range(args.seeds)]
+    runs: dict[str, list[dict]] = {}
+    try:
+        for method in args.methods:
+            runs[method] = [train_and_evaluate(method, seed, args, extra) for seed in seeds]
+        markdown = render(runs, args)
+    except PoemDPOError as e:
+        sys.exit(f"methods_table.py: error: {e}")
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(markdown, encoding="utf-8")
+    print(markdown, end="", flush=True)
+    print(f"written to {output}", file=sys.stderr)
+    return {"markdown": markdown, "runs": runs, "output": str(output)}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""bench/methods_table.py end to end on a tiny base model and corpus: two cheap methods, one seed, two steps each;
+the table has its rows, numbers in its cells, and figures read back from the runs' own reports and records."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from test_train_dpo import tiny_model_dir
+from tiny_models import make_pairs_dir
+
+from bench import methods_table
+
+NUMBER = r"-?\d[\d,]*(\.\d+)?"
+
+
+def cells(markdown: str, first: str) -> list[str]:
+    """The cells of the table row whose first cell is `first` (the first such row: the pooled table)."""
+    for line in markdown.splitlines():
+        row = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and row[0] == first:
+            return row
+    raise AssertionError(f"no row {first!r} in:\n{markdown}")
+
+
+def test_two_methods_one_seed_end_to_end(tmp_path, capsys):
+    pairs = make_pairs_dir(tmp_path)
+    base = tiny_model_dir(tmp_path / "base", "llama", pairs)
+    output, work = tmp_path / "methods_table.md", tmp_path / "runs"
+    # Two steps, at a learning rate that moves the tiny model away from its reference.
+    extra = ("--max_steps 2 --max_train_pairs 16 --per_device_train_batch_size 4 --learning_rate 1e-2 "
+             "--warmup_steps 0 --max_eval_pairs 8 --eval_strategy no --sample_titles 0 --report_to none")
+    result = methods_table.main([
+        "--methods", "chapter_linear", "--seeds", "1", "--base_model", base, "--dataset", str(pairs),
+        "--work_dir", str(work), "--extra", extra, "--num_titles", "3", "--poems_per_title", "2",
+        "--output", str(output),
+    ])
+    markdown = output.read_text(encoding="utf-8")
+    assert markdown == result["markdown"] and markdown in capsys.readouterr().out
+    assert list(result["runs"]) == ["dpo", "chapter_linear"]  # dpo always runs, first
+
+    header = cells(markdown, "method")
+    assert len(header) == 11 and header[1] == "five_char, strict, seeds pooled [95% Wilson]"
+    reference, dpo, linear = (cells(markdown, name) for name in ("reference (the base model)", "dpo",
+                                                                 "chapter_linear"))
+    for row in (reference, dpo, linear):
+        assert len(row) == len(header)
+        assert re.fullmatch(rf"{NUMBER}% \[{NUMBER}, {NUMBER}\] \(\d+/6\)", row[1]), row  # 3 titles × 2 poems
+        for value in row[2:4]:
+            assert re.fullmatch(rf"{NUMBER}%", value), row
+        for value in row[4:6]:
+            assert re.fullmatch(NUMBER, value), row
+    for row in (dpo, linear):
+        assert re.fullmatch(rf"{NUMBER} ± {NUMBER} \({NUMBER}\)", row[6]), row  # KL ± s.e. (per token)
+        assert re.fullmatch(NUMBER, row[7]) and float(row[7]) > 0, row  # training minutes
+        assert row[8] == "8 pairs", row  # 2 steps of 4 pairs
+    assert dpo[9:] == ["—", "—"]
+    assert re.fullmatch(r"\d+ / \d+", linear[9]) and re.fullmatch(NUMBER, linear[10]), linear
+    assert re.fullmatch(r"\d+ / \d+", reference[9]) and reference[6] == "0 (itself)"
+
+    # The figures are the runs' own: the report's KL, the record's minutes; checkpoints deleted once read.
+    for method in ("dpo", "chapter_linear"):
+        run_dir = work / method / "seed_42"
+        record = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
+        report = json.loads((run_dir / "eval" / "report.json").read_text(encoding="utf-8"))
+        kl = report["models"]["aligned"]["kl_to_reference"]
+        assert kl["n"] == 6 and kl["mean"] != 0.0  # trained: no longer the reference
+        assert cells(markdown, method)[6].startswith(f"{kl['mean']:.3f} ± {kl['stderr']:.3f}")
+        assert record["consumed"] == {"pairs": 8.0} and record["judge_seconds"] is None
+        assert "--seed 42" in " ".join(record["commands"][-1]) and "--max_steps 2" in " ".join(record["commands"][-1])
+        assert (run_dir / "train.log").is_file() and (run_dir / "model" / "model.safetensors").is_file()
+        assert not list((run_dir / "model").glob("checkpoint-*"))
+    # The paired test is evaluate.py's own comparison of the two runs' poems.
+    test = methods_table.compare(*(str(work / method / "seed_42" / "eval") for method in ("chapter_linear", "dpo")))
+    assert linear[9] == f"{test['a_only']} / {test['b_only']}"
+
+
+def test_bad_arguments_stop_before_any_training(tmp_path, capsys):
+    pairs = make_pairs_dir(tmp_path)
+    for argv, message in (
+        (["--methods", "reward_model"], "it trains no policy"),
+        (["--methods", "ppo"], "unknown method(s) ['ppo']"),
+        (["--dataset", str(tmp_path / "missing")], "does not exist; build it with"),
+        (["--dataset", str(pairs), "--base_model", str(tmp_path / "nobase")], "has no config.json"),
+        (["--dataset", str(pairs), "--seeds", "0"], "must each be at least 1"),
+    ):
+        with pytest.raises(SystemExit):
+            methods_table.main(["--work_dir", str(tmp_path / "runs"), *argv])
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_grpo_reward_model_trains_its_judge_first_and_counts_both(tmp_path, monkeypatch):
+    """The RL roads' wiring, with the scripts and the evaluation replaced: the judge is trained first with the same
+    seed, the policy is rewarded by it, each command parses with its script's own parser, and both are counted."""
+    from test_pipeline import parse_training_command
+
+    from poemdpo.evaluation.metrics import rate_with_interval
+
+    (tmp_path / "pairs").mkdir()
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "config.json").write_text("{}", encoding="utf-8")
+
+    def fake_script(command, log):  # leaves what the real script leaves: poemdpo.json, a final checkpoint
+        out = tmp_path / command[command.index("--output_dir") + 1]
+        (out / "checkpoint-7").mkdir(parents=True)
+        (out / "checkpoint-7" / "trainer_state.json").write_text(json.dumps({"epoch": 1.5}), encoding="utf-8")
+        info = {"train_pairs": 100} if command[0] == "train_reward.py" else {"completions": 256}
+        (out / "poemdpo.json").write_text(json.dumps(info), encoding="utf-8")
+        return 60.0 if command[0] == "train_reward.py" else 120.0
+
+    monkeypatch.setattr(methods_table, "run_script", fake_script)
+    monkeypatch.setattr(methods_table, "run", lambda args: {"seconds": 2.0, "models": {
+        "aligned": {"rule_rate": rate_with_interval(1, 2)}}})
+    args = methods_table.parse_args(["--dataset", str(tmp_path / "pairs"), "--base_model", str(tmp_path / "base"),
+                                     "--work_dir", str(tmp_path / "runs"), "--methods", "grpo_reward_model,rloo"])
+    assert args.methods == ["dpo", "grpo_reward_model", "rloo"]
+    record = methods_table.train_and_evaluate("grpo_reward_model", 43, args, ["--max_steps", "2"])
+
+    judge_command, policy_command = (command[1:] for command in record["commands"])
+    assert [judge_command[0], policy_command[0]] == ["train_reward.py", "train_rl.py"]
+    judge_args, judge_config, _ = parse_training_command(judge_command)
+    policy_args, policy_config, model_args = parse_training_command(policy_command)
+    run_dir = tmp_path / "runs" / "grpo_reward_model" / "seed_43"
+    assert judge_config.output_dir == str(run_dir / "judge") and judge_config.seed == 43
+    assert judge_config.max_steps == 2 and judge_args.rule == "five_char"
+    assert policy_args.method == "grpo" and policy_args.reward_model == str(run_dir / "judge")
+    assert policy_config.seed == 43 and policy_config.max_steps == 2 and policy_config.output_dir == str(
+        run_dir / "model")
+    assert model_args.model_name_or_path == str(tmp_path / "base")
+    assert record["consumed"] == {"poems": 256, "judge_pairs": 150.0}  # poems written; 1.5 epochs of 100 pairs
+    assert methods_table.seconds_total(record) == 180.0 and methods_table.consumed_cell([record]) == \
+        "256 poems + 150 judge pairs"
+    assert not list(run_dir.glob("*/checkpoint-*"))  # read, then deleted
+
+    # --resume reads a finished run instead of training it again.
+    monkeypatch.setattr(methods_table, "run_script", lambda command, log: pytest.fail("trained again"))
+    args.resume = True
+    assert methods_table.train_and_evaluate("grpo_reward_model", 43, args, ["--max_steps", "2"]) == record
