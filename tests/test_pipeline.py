@@ -11,14 +11,19 @@ from test_train_dpo import tiny_model_dir
 
 from poemdpo import pipeline
 
+SPLITS = ["--validation_size", "0.2", "--test_size", "0.2"]
 
-def test_pipeline_runs_every_stage_and_prints_the_headline(tmp_path, corpus_dir, capsys):
+
+def tiny_base(tmp_path, corpus_dir) -> str:
+    """A tiny Llama whose vocabulary comes from the same corpus the pipeline reads, split as SPLITS."""
     import build_dataset
 
-    # The tiny model's vocabulary comes from the same corpus the pipeline reads.
-    splits = ["--validation_size", "0.2", "--test_size", "0.2"]
-    build_dataset.main(["--corpus", str(corpus_dir), "--output_dir", str(tmp_path / "vocab"), *splits])
-    model_dir = tiny_model_dir(tmp_path / "base", "llama", tmp_path / "vocab")
+    build_dataset.main(["--corpus", str(corpus_dir), "--output_dir", str(tmp_path / "vocab"), *SPLITS])
+    return tiny_model_dir(tmp_path / "base", "llama", tmp_path / "vocab")
+
+
+def test_pipeline_runs_every_stage_and_prints_the_headline(tmp_path, corpus_dir, capsys):
+    splits, model_dir = SPLITS, tiny_base(tmp_path, corpus_dir)
     out = tmp_path / "dpo"
     result = pipeline.main([
         "--corpus", str(corpus_dir), "--pairs_dir", str(tmp_path / "pairs"), "--base_model", model_dir,
@@ -40,11 +45,7 @@ def test_pipeline_runs_every_stage_and_prints_the_headline(tmp_path, corpus_dir,
 
 
 def test_the_reward_model_road_runs_and_prints_the_accuracy_train_reward_recorded(tmp_path, corpus_dir, capsys):
-    import build_dataset
-
-    splits = ["--validation_size", "0.2", "--test_size", "0.2"]
-    build_dataset.main(["--corpus", str(corpus_dir), "--output_dir", str(tmp_path / "vocab"), *splits])
-    model_dir = tiny_model_dir(tmp_path / "base", "llama", tmp_path / "vocab")
+    splits, model_dir = SPLITS, tiny_base(tmp_path, corpus_dir)
     out = tmp_path / "rm"
     result = pipeline.main([
         "--method", "reward_model", "--corpus", str(corpus_dir), "--pairs_dir", str(tmp_path / "pairs"),
