@@ -24,6 +24,7 @@ from poemdpo.training.dpo import (
     check_splits_match,
     check_token_boundaries,
     check_tokenizer_covers,
+    drop_truncated,
     held_out_titles,
     load_frozen_reference,
     load_pairs,
@@ -64,20 +65,24 @@ def main(argv: list[str] | None = None) -> PoemDPOTrainer:
         dataset, stats = load_pairs(script_args)
         splits = check_splits_match(stats, model_args.model_name_or_path, script_args.dataset_name)
         rule = preference_rule(script_args, stats)
-        train = select_pairs(dataset[script_args.dataset_train_split], script_args.max_train_pairs, args.seed)
+        tokenizer = load_tokenizer(model_args)
+        chat = use_chat_format(tokenizer, script_args.prompt_format)
+        train = dataset[script_args.dataset_train_split]
+        if script_args.drop_truncated_pairs:  # a poem cut at max_length would teach a poem that never ends
+            train = drop_truncated(train, tokenizer, args.max_length, chat)
+        train = select_pairs(train, script_args.max_train_pairs, args.seed)
         test = select_pairs(dataset[script_args.dataset_test_split], script_args.max_eval_pairs, args.seed)
         # A `length` column lets `train_sampling_strategy: group_by_length` batch pairs of similar length.
         train, test = with_lengths(train), with_lengths(test)
         titles = held_out_titles(dataset[script_args.dataset_test_split], script_args.sample_titles, CHAPTER_TITLES)
 
         # 3. Models: the policy, and a frozen copy as reference (none with LoRA: the adapter is switched off).
-        tokenizer = load_tokenizer(model_args)
         model = load_policy(model_args)
         needs_reference = not (model_args.use_peft or args.precompute_ref_log_probs)
         ref_model = load_frozen_reference(model_args) if needs_reference else None
 
-        # 4. Prompts as the model expects them, checked token by token before any training.
-        chat = use_chat_format(tokenizer, script_args.prompt_format)
+        # 4. Prompts as the model expects them (chat turns for a chat model), checked token by token before any
+        #    training.
         if chat:
             train, test = to_conversational(train), to_conversational(test)
         check_tokenizer_covers(tokenizer, train)

@@ -423,3 +423,28 @@ def test_push_to_hub_offline_fails_before_training(tmp_path, pairs_dir, capsys, 
     assert "push_to_hub is set but the Hub cannot be used" in capsys.readouterr().err
     assert time.time() - start < 30
     assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("template", [None, CHAT_TEMPLATE], ids=["instruction", "chat"])
+def test_pairs_that_max_length_would_cut_are_left_out(tmp_path, pairs_dir, template):
+    """Counted as TRL tokenizes them: with the drop off, some trained rows pass max_length; with it on, none does."""
+    model_dir = tiny_model_dir(tmp_path / "base", "llama", pairs_dir)
+    if template:
+        model_dir = with_chat_template(model_dir, template)
+
+    def longest(rows) -> list[int]:
+        return [len(r["prompt_ids"]) + max(len(r["chosen_ids"]), len(r["rejected_ids"])) for r in rows]
+
+    kept_all, _ = run(tmp_path / "all", model_dir, pairs_dir, "--max_steps", "1", "--max_length", "4096",
+                      "--eval_strategy", "no", "--sample_titles", "0", "--save_strategy", "no")
+    lengths = sorted(longest(kept_all.train_dataset))
+    max_length = lengths[len(lengths) // 2]  # about half the pairs are longer
+    cut, _ = run(tmp_path / "cut", model_dir, pairs_dir, "--max_steps", "1", "--max_length", str(max_length),
+                 "--drop_truncated_pairs", "false", "--eval_strategy", "no", "--sample_titles", "0",
+                 "--save_strategy", "no")
+    dropped, out = run(tmp_path / "drop", model_dir, pairs_dir, "--max_steps", "1", "--max_length", str(max_length),
+                       "--eval_strategy", "no", "--sample_titles", "0", "--save_strategy", "no")
+    assert max(longest(cut.train_dataset)) > max_length
+    assert max(longest(dropped.train_dataset)) <= max_length
+    assert len(dropped.train_dataset) == 32  # the max_train_pairs are drawn from the pairs that fit
+    assert json.loads((out / "poemdpo.json").read_text())["train_pairs"] == 32

@@ -83,6 +83,12 @@ class DPOScriptArguments:
     boundary_check_rows: int = field(
         default=256, metadata={"help": "Rows checked for prompt/completion token boundaries before training."}
     )
+    drop_truncated_pairs: bool = field(
+        default=True,
+        metadata={"help": "Leave out train pairs whose prompt + chosen or prompt + rejected (eos included) is longer "
+                  "than max_length, before the max_train_pairs are drawn. TRL cuts such a poem's end off, so the "
+                  "model would be taught a preferred poem that never ends."},
+    )
 
 
 def check_removed_keys(argv: list[str]) -> None:
@@ -168,6 +174,34 @@ def held_out_titles(dataset: Dataset, n: int, first: list[str]) -> list[str]:
     return list(dict.fromkeys([*first, *sorted(set(found))]))[:n]
 
 
+def drop_truncated(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int | None,
+                   chat: bool = False) -> Dataset:
+    """The pairs whose prompt + chosen and prompt + rejected both fit in `max_length` tokens, counted as TRL's
+    DPOTrainer tokenizes them (an eos appended to plain-text completions; chat rows through the template)."""
+    if max_length is None:
+        return dataset
+
+    def token_lengths(rows: dict, column: str) -> list[int]:
+        if chat:  # through the chat template, as TRL tokenizes conversational rows
+            titles = rows.get("title") or [None] * len(rows["prompt"])
+            turns = [_chat_row({"prompt": p, "chosen": c, "rejected": c, "title": t})
+                     for p, c, t in zip(rows["prompt"], rows[column], titles, strict=True)]
+            return [len(_tokenize(tokenizer, turn["prompt"] + turn["chosen"])["input_ids"]) for turn in turns]
+        eos = tokenizer.eos_token or ""  # TRL appends it to plain-text completions, then calls the tokenizer
+        texts = [p + c + eos for p, c in zip(rows["prompt"], rows[column], strict=True)]
+        return [len(ids) for ids in tokenizer(texts, verbose=False)["input_ids"]]
+
+    def fits(rows: dict) -> list[bool]:
+        return [max(a, b) <= max_length for a, b in
+                zip(token_lengths(rows, "chosen"), token_lengths(rows, "rejected"), strict=True)]
+
+    kept = dataset.filter(fits, batched=True, desc=f"pairs within max_length {max_length}")
+    if len(kept) == 0:
+        raise PoemDPOError(f"no pair fits in max_length {max_length} tokens; raise max_length or set "
+                           "drop_truncated_pairs: false")
+    return kept
+
+
 def select_pairs(dataset: Dataset, n: int | None, seed: int) -> Dataset:
     if n is None or n >= len(dataset):
         return dataset
@@ -205,20 +239,21 @@ def use_chat_format(tokenizer: PreTrainedTokenizerBase, prompt_format: str) -> b
 
 def to_conversational(dataset: Dataset) -> Dataset:
     """The same pairs as chat turns, for base models with a chat template."""
-    def convert(row: dict) -> dict:
-        title = row.get("title") or title_of(row["prompt"])
-        if not title:
-            raise PoemDPOError(
-                f"a chat-format run builds prompts from titles, and this row has no 'title' column and a prompt "
-                f"that is not poem-dpo's instruction format: {row['prompt'][:60]!r}"
-            )
-        return {
-            "prompt": conversational(title),
-            "chosen": [{"role": "assistant", "content": row["chosen"]}],
-            "rejected": [{"role": "assistant", "content": row["rejected"]}],
-        }
+    return dataset.map(_chat_row, desc="chat format")
 
-    return dataset.map(convert, desc="chat format")
+
+def _chat_row(row: dict) -> dict:
+    title = row.get("title") or title_of(row["prompt"])
+    if not title:
+        raise PoemDPOError(
+            f"a chat-format run builds prompts from titles, and this row has no 'title' column and a prompt "
+            f"that is not poem-dpo's instruction format: {row['prompt'][:60]!r}"
+        )
+    return {
+        "prompt": conversational(title),
+        "chosen": [{"role": "assistant", "content": row["chosen"]}],
+        "rejected": [{"role": "assistant", "content": row["rejected"]}],
+    }
 
 
 def check_tokenizer_covers(tokenizer: PreTrainedTokenizerBase, dataset: Dataset, rows: int = 64) -> None:
