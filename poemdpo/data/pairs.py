@@ -63,10 +63,17 @@ def rhyme_candidates(texts: Sequence[str], top: int = RHYME_CANDIDATES) -> Count
     return Counter({c: n for c, n in counts.most_common(top) if prosody.tone(c) == prosody.PING})
 
 
-def _default_candidates() -> Counter:
+def default_rhyme_candidates() -> Counter:
     """Without a corpus: the first characters of each level group, which rhyme books list commonest first."""
     return Counter({c: 1 for group in prosody.level_groups_all() for c in prosody.group_characters(group)[:20]
                     if prosody.tone(c) == prosody.PING})
+
+
+def line_end_positions(text: str) -> list[int]:
+    """Where each verse line's last character sits in `text` (a line may end in a bracket or a space)."""
+    ends = [max((i for i in range(m.start(), m.end()) if text[i] not in prosody.NOT_VERSE), default=-1)
+            for m in _VERSE_LINE.finditer(text)]
+    return [i for i in ends if i >= 0]
 
 
 def rhyme_near_miss(text: str, rng: random.Random, candidates: Mapping[str, int] | None = None) -> str:
@@ -78,15 +85,10 @@ def rhyme_near_miss(text: str, rng: random.Random, candidates: Mapping[str, int]
     report = prosody_report(text)
     if not (report.applicable and report.rhyme):
         raise ValueError(f"not a rhyming regulated poem: {text!r}")
-    # Where each line's last verse character sits in `text` (a line may end in a bracket or a space).
-    ends = [
-        max((i for i in range(m.start(), m.end()) if text[i] not in prosody.NOT_VERSE), default=-1)
-        for m in _VERSE_LINE.finditer(text)
-    ]
-    ends = [i for i in ends if i >= 0]
+    ends = line_end_positions(text)
     if len(ends) != len(report.tones):
         raise ValueError(f"cannot place the rhyme characters of {text!r}")
-    pool = candidates or _default_candidates()
+    pool = candidates or default_rhyme_candidates()
     groups = {group for line in prosody.verse_lines(text) for group in prosody.level_groups(line[-1])}
     choices = [c for c in pool if c not in text and not prosody.level_groups(c) & groups]
     if not choices:

@@ -1,0 +1,142 @@
+"""Probes of what a model knows about rhyme, read from its next-character distribution (issue #13).
+
+Sampling says whether a model rhymes; these probes say why not. At the slot of line 4's rhyme character in a
+held-out rhyming 五言 poem of 4 or 8 lines, the model's distribution is read twice: with the poem as written,
+and with line 2's rhyme character swapped for a 平 character of another group (`pairs.rhyme_near_miss`'s
+candidates). A model that tracks rhyme moves its mass from line 2's old group to the new one; a model that only
+knows "a line ends on a common 平 character" does not. A second probe asks whether the true rhyme character
+beats a random 平 character of another group: fluency alone passes it, so it is the weak test.
+
+Only characters that are single tokens of the tokenizer count towards a group's mass (every character is, for
+the project's char-level models).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from poemdpo.data import prosody
+from poemdpo.data.pairs import default_rhyme_candidates, line_end_positions
+from poemdpo.models.generation import prompt_texts
+
+
+@dataclass
+class RhymeProbe:
+    poems: int
+    old_group_intact: float  # mean probability on line 2's rhyme group, poem as written
+    old_group_swapped: float  # the same group, once line 2 ends in another group
+    new_group_intact: float  # mean probability on the swapped-in character's group, poem as written
+    new_group_swapped: float  # that group, once line 2 ends in it
+    true_beats_random: float  # share of poems where p(true rhyme) > p(random 平 character of another group)
+
+    @property
+    def shift(self) -> float:
+        """How much probability follows line 2 into the new group: 0 for a model blind to rhyme, up to 1."""
+        return self.new_group_swapped - self.new_group_intact
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "shift": self.shift}
+
+
+@dataclass
+class _Case:
+    title: str
+    intact: str  # the poem up to (not including) line 4's rhyme character
+    swapped: str  # the same with line 2's rhyme character replaced
+    true_char: str
+    random_char: str
+    old_group: str
+    new_group: str
+
+
+def probe_cases(titles: Sequence[str], poems: Sequence[str], n: int, seed: int = 0) -> list[_Case]:
+    """Up to `n` cases from rhyming 五言 poems of 4 or 8 lines whose line 2 and line 4 share one 平 group."""
+    rng = random.Random(seed)
+    pool = default_rhyme_candidates()
+    cases = []
+    for title, text in zip(titles, poems, strict=True):
+        report = prosody.check(text)
+        lines = prosody.verse_lines(text)
+        if not (report.applicable and report.rhyme and len(lines[0]) == 5):
+            continue
+        ends = line_end_positions(text)
+        if len(ends) != len(lines):
+            continue
+        second, fourth = text[ends[1]], text[ends[3]]
+        shared = sorted(prosody.level_groups(second) & prosody.level_groups(fourth))
+        if len(shared) != 1:  # a character listed in two 平 groups makes "the group" ambiguous
+            continue
+        taken = {g for c in (second, fourth) for g in prosody.level_groups(c)}
+        others = [c for c in pool if c not in text and len(prosody.level_groups(c)) == 1
+                  and not prosody.level_groups(c) & taken]
+        swap, other = rng.choices(others, weights=[pool[c] for c in others], k=2)
+        cases.append(_Case(
+            title=title, intact=text[: ends[3]], swapped=text[: ends[1]] + swap + text[ends[1] + 1 : ends[3]],
+            true_char=fourth, random_char=other, old_group=shared[0],
+            new_group=next(iter(prosody.level_groups(swap))),
+        ))
+        if len(cases) == n:
+            break
+    return cases
+
+
+def _group_ids(tokenizer, group: str) -> list[int]:
+    vocab = tokenizer.get_vocab()
+    return sorted({vocab[c] for c in prosody.group_characters(group) if c in vocab})
+
+
+@torch.no_grad()
+def _next_char_probs(model, tokenizer, texts: list[str], batch_size: int) -> torch.Tensor:
+    """The next-token distribution after each text (right padding, read at each row's last token)."""
+    add_special_tokens = not getattr(tokenizer, "chat_template", None)
+    device = next(model.parameters()).device
+    padding_side, tokenizer.padding_side = tokenizer.padding_side, "right"
+    out = []
+    try:
+        for start in range(0, len(texts), batch_size):
+            batch = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True,
+                              add_special_tokens=add_special_tokens).to(device)
+            logits = model(**batch).logits.float()
+            last = batch["attention_mask"].sum(dim=1) - 1
+            out.append(torch.softmax(logits[torch.arange(len(last)), last], dim=-1).cpu())
+    finally:
+        tokenizer.padding_side = padding_side
+    return torch.cat(out)
+
+
+def rhyme_probe(model, tokenizer, titles: Sequence[str], poems: Sequence[str], n: int = 256, seed: int = 0,
+                batch_size: int = 32, progress: bool = False) -> RhymeProbe:
+    """Both probes on up to `n` held-out poems (see the module docstring)."""
+    cases = probe_cases(titles, poems, n, seed)
+    if not cases:
+        raise ValueError("no rhyming 五言 poem of 4 or 8 lines among the poems given")
+    was_training = model.training
+    model.eval()
+    try:
+        prompts = prompt_texts(tokenizer, [c.title for c in cases])
+        intact = _next_char_probs(model, tokenizer, [p + c.intact for p, c in zip(prompts, cases, strict=True)],
+                                  batch_size)
+        swapped = _next_char_probs(model, tokenizer, [p + c.swapped for p, c in zip(prompts, cases, strict=True)],
+                                   batch_size)
+    finally:
+        model.train(was_training)
+    vocab = tokenizer.get_vocab()
+    sums = dict.fromkeys(("old_intact", "old_swapped", "new_intact", "new_swapped", "beats"), 0.0)
+    for i, case in enumerate(tqdm(cases, desc="rhyme probe", disable=not progress)):
+        old, new = _group_ids(tokenizer, case.old_group), _group_ids(tokenizer, case.new_group)
+        sums["old_intact"] += intact[i, old].sum().item()
+        sums["old_swapped"] += swapped[i, old].sum().item()
+        sums["new_intact"] += intact[i, new].sum().item()
+        sums["new_swapped"] += swapped[i, new].sum().item()
+        true_id, random_id = vocab.get(case.true_char), vocab.get(case.random_char)
+        if true_id is not None and random_id is not None:
+            sums["beats"] += float(intact[i, true_id] > intact[i, random_id])
+    k = len(cases)
+    return RhymeProbe(poems=k, old_group_intact=sums["old_intact"] / k, old_group_swapped=sums["old_swapped"] / k,
+                      new_group_intact=sums["new_intact"] / k, new_group_swapped=sums["new_swapped"] / k,
+                      true_beats_random=sums["beats"] / k)
