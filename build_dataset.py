@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> dict:
                 progress=True,
             )
         poems_held_out = held_out_poems(poems, splits)
-    except ValueError as e:  # PoemDPOError, and the rule/pairing checks of poemdpo.data
+    except ValueError as e:  # PoemDPOError, and generate_samples' checks of the on-policy settings
         sys.exit(f"build_dataset.py: error: {e}")
     save(dataset, stats, output_dir, poems_held_out)
     print(json.dumps(stats, ensure_ascii=False, indent=2))

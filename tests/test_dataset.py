@@ -48,9 +48,9 @@ def test_each_rule_separates_chosen_from_rejected(rule, ok):
 
 
 def test_unknown_rule_and_strategy():
-    with pytest.raises(ValueError, match="unknown rule 'eight_char'"):
+    with pytest.raises(PoemDPOError, match="unknown rule 'eight_char'"):
         build_pairs(poems(), "eight_char", "random", 0)
-    with pytest.raises(ValueError, match="unknown pairing strategy 'nearest'"):
+    with pytest.raises(PoemDPOError, match="unknown pairing strategy 'nearest'"):
         build_pairs(poems(), "five_char", "nearest", 0)
     assert set(RULES) >= {"five_char", "seven_char", "jueju", "lushi"}
 
@@ -100,7 +100,7 @@ def test_near_miss_share_of_train_pairs(rule):
         lost = len(row["chosen"]) - len(row["rejected"])
         assert abs(lost) == 1 or classify(row["rejected"]).n_lines == classify(row["chosen"]).n_lines - 1
     assert {r["rejected_source"] for r in plain} == {"corpus"}
-    with pytest.raises(ValueError, match="near_miss_share must be between 0 and 1, got 1.5"):
+    with pytest.raises(PoemDPOError, match="near_miss_share must be between 0 and 1, got 1.5"):
         build_pairs(poems(), rule, "random", 0, near_miss_share=1.5)
 
 

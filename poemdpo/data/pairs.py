@@ -13,6 +13,7 @@ from poemdpo.data.corpus import Poem
 from poemdpo.data.forms import LINE_BREAKS, classify
 from poemdpo.data.prompts import build_prompt
 from poemdpo.data.rules import RULES, preferred, prosody_report, rejected
+from poemdpo.errors import PoemDPOError
 
 STRATEGIES = ("random", "length_matched")
 # 五言 poems are shorter than most rejected ones: with random partners DPO can partly win by length.
@@ -149,9 +150,9 @@ def build_pairs(
     `rejected_source` says which rows: "corpus" or "near_miss".
     """
     if strategy not in STRATEGIES:
-        raise ValueError(f"unknown pairing strategy {strategy!r}; choose one of {list(STRATEGIES)}")
+        raise PoemDPOError(f"unknown pairing strategy {strategy!r}; choose one of {list(STRATEGIES)}")
     if not 0.0 <= near_miss_share <= 1.0:
-        raise ValueError(f"near_miss_share must be between 0 and 1, got {near_miss_share}")
+        raise PoemDPOError(f"near_miss_share must be between 0 and 1, got {near_miss_share}")
     chosen = [p for p in poems if preferred(p.text, rule)]
     losers = [p for p in poems if rejected(p.text, rule)]
     if not chosen or not losers:

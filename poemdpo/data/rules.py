@@ -8,6 +8,7 @@ from functools import lru_cache
 
 from poemdpo.data import prosody
 from poemdpo.data.forms import Form, classify
+from poemdpo.errors import PoemDPOError
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,7 @@ RULES: dict[str, Rule] = {
 
 def _rule(rule: str) -> Rule:
     if rule not in RULES:
-        raise ValueError(f"unknown rule {rule!r}; choose one of {sorted(RULES)}")
+        raise PoemDPOError(f"unknown rule {rule!r}; choose one of {sorted(RULES)}")
     return RULES[rule]
 
 
