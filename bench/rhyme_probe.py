@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = []
     for name in args.models:
         model, tokenizer = load_for_inference(name)
-        result = rhyme_probe(model, tokenizer, poems["title"], poems["poem"], n=args.num_poems, seed=args.seed)
+        result = rhyme_probe(model, tokenizer, poems["title"], poems["poem"], n=args.num_poems, seed=args.seed,
+                             progress=True)
         rows.append({"model": name, **result.to_dict()})
     header = ["model", "poems", "line 2's group, as written", "line 2's group, swapped away",
               "new group, as written", "new group, swapped in", "shift", "true > random"]

@@ -85,20 +85,19 @@ def probe_cases(titles: Sequence[str], poems: Sequence[str], n: int, seed: int =
     return cases
 
 
-def _group_ids(tokenizer, group: str) -> list[int]:
-    vocab = tokenizer.get_vocab()
+def _group_ids(vocab: dict[str, int], group: str) -> list[int]:
     return sorted({vocab[c] for c in prosody.group_characters(group) if c in vocab})
 
 
 @torch.no_grad()
-def _next_char_probs(model, tokenizer, texts: list[str], batch_size: int) -> torch.Tensor:
+def _next_char_probs(model, tokenizer, texts: list[str], batch_size: int, progress: bool = False) -> torch.Tensor:
     """The next-token distribution after each text (right padding, read at each row's last token)."""
     add_special_tokens = not getattr(tokenizer, "chat_template", None)
     device = next(model.parameters()).device
     padding_side, tokenizer.padding_side = tokenizer.padding_side, "right"
     out = []
     try:
-        for start in range(0, len(texts), batch_size):
+        for start in tqdm(range(0, len(texts), batch_size), desc="rhyme probe", unit="batch", disable=not progress):
             batch = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True,
                               add_special_tokens=add_special_tokens).to(device)
             logits = model(**batch).logits.float()
@@ -120,15 +119,15 @@ def rhyme_probe(model, tokenizer, titles: Sequence[str], poems: Sequence[str], n
     try:
         prompts = prompt_texts(tokenizer, [c.title for c in cases])
         intact = _next_char_probs(model, tokenizer, [p + c.intact for p, c in zip(prompts, cases, strict=True)],
-                                  batch_size)
+                                  batch_size, progress)
         swapped = _next_char_probs(model, tokenizer, [p + c.swapped for p, c in zip(prompts, cases, strict=True)],
-                                   batch_size)
+                                   batch_size, progress)
     finally:
         model.train(was_training)
     vocab = tokenizer.get_vocab()
     sums = dict.fromkeys(("old_intact", "old_swapped", "new_intact", "new_swapped", "beats"), 0.0)
-    for i, case in enumerate(tqdm(cases, desc="rhyme probe", disable=not progress)):
-        old, new = _group_ids(tokenizer, case.old_group), _group_ids(tokenizer, case.new_group)
+    for i, case in enumerate(cases):
+        old, new = _group_ids(vocab, case.old_group), _group_ids(vocab, case.new_group)
         sums["old_intact"] += intact[i, old].sum().item()
         sums["old_swapped"] += swapped[i, old].sum().item()
         sums["new_intact"] += intact[i, new].sum().item()

@@ -181,19 +181,20 @@ def drop_truncated(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, max_len
     if max_length is None:
         return dataset
 
-    def token_lengths(rows: dict, column: str) -> list[int]:
+    def longest(rows: dict) -> list[int]:
+        """prompt + the longer completion, in tokens, for each row of a batch."""
+        completions = ("chosen", "rejected")
         if chat:  # through the chat template, as TRL tokenizes conversational rows
-            titles = rows.get("title") or [None] * len(rows["prompt"])
-            turns = [_chat_row({"prompt": p, "chosen": c, "rejected": c, "title": t})
-                     for p, c, t in zip(rows["prompt"], rows[column], titles, strict=True)]
-            return [len(_tokenize(tokenizer, turn["prompt"] + turn["chosen"])["input_ids"]) for turn in turns]
+            turns = [_chat_row(dict(zip(rows, values, strict=True))) for values in zip(*rows.values(), strict=True)]
+            return [max(len(_tokenize(tokenizer, turn["prompt"] + turn[c])["input_ids"]) for c in completions)
+                    for turn in turns]
         eos = tokenizer.eos_token or ""  # TRL appends it to plain-text completions, then calls the tokenizer
-        texts = [p + c + eos for p, c in zip(rows["prompt"], rows[column], strict=True)]
-        return [len(ids) for ids in tokenizer(texts, verbose=False)["input_ids"]]
+        texts = {c: [p + text + eos for p, text in zip(rows["prompt"], rows[c], strict=True)] for c in completions}
+        lengths = [[len(ids) for ids in tokenizer(texts[c], verbose=False)["input_ids"]] for c in completions]
+        return [max(pair) for pair in zip(*lengths, strict=True)]
 
     def fits(rows: dict) -> list[bool]:
-        return [max(a, b) <= max_length for a, b in
-                zip(token_lengths(rows, "chosen"), token_lengths(rows, "rejected"), strict=True)]
+        return [n <= max_length for n in longest(rows)]
 
     kept = dataset.filter(fits, batched=True, desc=f"pairs within max_length {max_length}")
     if len(kept) == 0:
