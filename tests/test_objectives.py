@@ -10,6 +10,7 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from datasets import Dataset
 from test_train_dpo import tiny_model_dir
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
@@ -249,3 +250,15 @@ def test_train_dpo_refuses_with_a_clear_error(tmp_path, pairs, capsys):
     with pytest.raises(SystemExit):
         train(tmp_path, pairs, "configs/dpo_chapter_linear_cpu.yaml", "--f_divergence_type", "js_divergence")
     assert "f_divergence_type 'js_divergence' reshapes the log-ratio" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("recipe", ["configs/dpo_chapter_linear_cpu.yaml", "configs/dpo_chapter_unlikelihood_cpu.yaml"])
+def test_chapter_recipes_are_the_dpo_recipe_with_the_loss_swapped(recipe):
+    """A methods-table row compares objectives: any other difference from the DPO recipe would be measured too."""
+    def read(path):
+        return yaml.safe_load(open(path, encoding="utf-8"))
+
+    dpo, chapter = read("configs/dpo_tiny_cpu.yaml"), read(recipe)
+    loss_keys = {"loss_type", "loss_weights", "ld_alpha", "output_dir"}
+    differ = {k for k in dpo.keys() | chapter.keys() if k not in loss_keys and dpo.get(k) != chapter.get(k)}
+    assert not differ, f"{recipe} differs from the DPO recipe beyond the loss: {sorted(differ)}"
