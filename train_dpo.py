@@ -1,24 +1,29 @@
-"""Align a causal LM with DPO (TRL's DPOTrainer) against a frozen reference copy of itself.
+"""Align a causal LM on preference pairs: DPO (TRL's DPOTrainer) against a frozen reference copy of itself, or
+another of TRL's preference objectives on the same pairs (--method: simpo, orpo, kto; poemdpo/training/methods.py).
 
     python train_dpo.py --config configs/dpo_tiny_cpu.yaml                      # the embedded default
     python train_dpo.py --config configs/dpo_tiny_cpu.yaml --beta 0.2 --max_train_pairs 500
+    python train_dpo.py --method simpo                   # SimPO (CPOTrainer): configs/simpo_tiny_cpu.yaml
+    python train_dpo.py --method orpo                    # ORPO: configs/orpo_tiny_cpu.yaml
+    python train_dpo.py --method kto                     # KTO, the pairs unpaired: configs/kto_tiny_cpu.yaml
     accelerate launch --config_file configs/accelerate/cpu_ddp.yaml train_dpo.py --config configs/dpo_tiny_cpu.yaml
 
-Without --config the embedded default's recipe, configs/dpo_tiny_cpu.yaml, is read. Every field of the
-recipe can be overridden on the command line; `--help` lists them all.
+Without --config the method's recipe is read (configs/dpo_tiny_cpu.yaml for the default, dpo). Every field of
+the recipe can be overridden on the command line; `--help` lists DPO's fields, `--method simpo --help` SimPO's.
 """
 
 from __future__ import annotations
 
 import sys
 
-from trl import DPOConfig, ModelConfig, TrlParser, get_peft_config
+from transformers import Trainer
+from trl import TrlParser, get_peft_config
 
 from poemdpo.data.prompts import CHAPTER_TITLES
 from poemdpo.errors import PoemDPOError
 from poemdpo.run_info import write_run_info
 from poemdpo.training.dpo import (
-    DPOScriptArguments,
+    argument_keys,
     check_removed_keys,
     check_settings,
     check_splits_match,
@@ -31,32 +36,49 @@ from poemdpo.training.dpo import (
     load_policy,
     load_tokenizer,
     preference_rule,
+    read_recipe,
     select_pairs,
     to_conversational,
     use_chat_format,
 )
 from poemdpo.training.hub import check_hub_access, push_final_model
-from poemdpo.training.model_card import write_model_card
-from poemdpo.training.objectives import trainer_class
-from poemdpo.training.samples import PoemDPOTrainer, SamplePoemsCallback
+from poemdpo.training.methods import (
+    METHODS,
+    RECIPES,
+    build_trainer,
+    check_method_keys,
+    check_method_settings,
+    method_of,
+    needs_reference,
+    objective_settings,
+    parser_classes,
+    write_card,
+)
+from poemdpo.training.samples import SamplePoemsCallback
 from poemdpo.training.speed import use_compact_lm_head, with_lengths
 
-DEFAULT_RECIPE = "configs/dpo_tiny_cpu.yaml"
 
-
-def main(argv: list[str] | None = None) -> PoemDPOTrainer:
+def main(argv: list[str] | None = None) -> Trainer:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if "--config" not in argv and not {"-h", "--help"} & set(argv):
-        argv = ["--config", DEFAULT_RECIPE, *argv]
-    parser = TrlParser((DPOScriptArguments, DPOConfig, ModelConfig))
+    # The method decides the config class (DPOConfig, CPOConfig, ORPOConfig or KTOConfig), so it is read first.
     try:
-        # 1. Arguments: recipe YAML, then the command line; refuse what TRL would silently drop.
-        check_removed_keys(argv)
+        method = method_of(argv, read_recipe(argv))
+    except PoemDPOError as e:
+        TrlParser(parser_classes("dpo")).error(str(e))
+    if "--config" not in argv and not {"-h", "--help"} & set(argv):
+        argv = ["--config", RECIPES[method], *argv]
+    parser = TrlParser(parser_classes(method))
+    try:
+        # 1. Arguments: recipe YAML, then the command line; refuse what TRL would silently drop, and another method's
+        #    settings.
+        check_removed_keys(argv, METHODS[method])
+        check_method_keys(argument_keys(argv), method)
         try:
             script_args, args, model_args = parser.parse_args_and_config(args=argv)
         except ValueError as e:  # unknown keys in the recipe or on the command line, bad values
             raise PoemDPOError(str(e)) from None
         check_settings(args, script_args)
+        check_method_settings(method, args)
         if args.push_to_hub:
             check_hub_access(args.hub_model_id)  # before training, not after an hour of it
 
@@ -76,10 +98,10 @@ def main(argv: list[str] | None = None) -> PoemDPOTrainer:
         train, test = with_lengths(train), with_lengths(test)
         titles = held_out_titles(dataset[script_args.dataset_test_split], script_args.sample_titles, CHAPTER_TITLES)
 
-        # 3. Models: the policy, and a frozen copy as reference (none with LoRA: the adapter is switched off).
+        # 3. Models: the policy, and for dpo and kto a frozen copy as reference (none with LoRA: the adapter is
+        #    switched off). SimPO and ORPO have no reference.
         model = load_policy(model_args)
-        needs_reference = not (model_args.use_peft or args.precompute_ref_log_probs)
-        ref_model = load_frozen_reference(model_args) if needs_reference else None
+        ref_model = load_frozen_reference(model_args) if needs_reference(method, model_args, args) else None
 
         # 4. Prompts as the model expects them (chat turns for a chat model), checked token by token before any
         #    training.
@@ -92,18 +114,15 @@ def main(argv: list[str] | None = None) -> PoemDPOTrainer:
 
     # 5. Train. Sample poems come from the prepared models (the reference's at the start), whatever the engine.
     try:
-        trainer = trainer_class(args.loss_type)(  # ChapterDPOTrainer for the chapter's objectives
-            model=model,
-            ref_model=ref_model,
-            args=args,
-            train_dataset=train,
-            eval_dataset=test if args.eval_strategy != "no" else None,
-            processing_class=tokenizer,
+        trainer = build_trainer(  # dpo: ChapterDPOTrainer for the chapter's objectives; kto: the pairs unpaired
+            method, model=model, ref_model=ref_model, args=args, train=train,
+            test=test if args.eval_strategy != "no" else None, tokenizer=tokenizer,
             peft_config=get_peft_config(model_args),
         )
     except PoemDPOError as e:  # a launch that would not run as launched (samples.check_engine)
         parser.error(str(e))
-    use_compact_lm_head(trainer)  # off CUDA: only completion positions go through the LM head
+    if method == "dpo":
+        use_compact_lm_head(trainer)  # off CUDA: only completion positions go through the LM head
     samples = SamplePoemsCallback(
         trainer, titles, rule, every_steps=script_args.sample_every_steps, table_rows=script_args.sample_table_rows,
         max_new_tokens=script_args.sample_max_new_tokens, seed=args.seed, chat=chat,
@@ -117,14 +136,14 @@ def main(argv: list[str] | None = None) -> PoemDPOTrainer:
     if trainer.is_world_process_zero():
         # What evaluate.py needs to compute the rewards as this run did, in plain JSON (never a pickle).
         write_run_info(args.output_dir, {
-            "stage": "dpo", "base_model": model_args.model_name_or_path, "dataset": script_args.dataset_name,
+            "stage": method, "base_model": model_args.model_name_or_path, "dataset": script_args.dataset_name,
             "rule": rule, "splits": splits.to_dict() if splits else None, "prompt_format": "chat" if chat else
             "instruction", "use_peft": model_args.use_peft, "train_pairs": len(train),
-            **{key: getattr(args, key) for key in ("beta", "loss_type", "loss_weights", "ld_alpha", "max_length")},
+            **objective_settings(method, args),
         })
         last = samples.last or (samples.sample(trainer.state.global_step) if titles else {})
-        write_model_card(
-            args.output_dir, base_model=model_args.model_name_or_path, dataset=script_args.dataset_name,
+        write_card(
+            method, args.output_dir, base_model=model_args.model_name_or_path, dataset=script_args.dataset_name,
             rule=rule, args=args, use_peft=model_args.use_peft, train_pairs=len(train),
             metrics={**metrics, **_last_train_metrics(trainer)}, sample_rates=last.get("metrics", {}),
             sample_table=last.get("table", ""), tokenizer=tokenizer, chat=chat,
@@ -143,8 +162,8 @@ def main(argv: list[str] | None = None) -> PoemDPOTrainer:
     return trainer
 
 
-def _last_train_metrics(trainer: PoemDPOTrainer) -> dict:
-    """The newest training log entry that carries DPO rewards."""
+def _last_train_metrics(trainer: Trainer) -> dict:
+    """The newest training log entry that carries rewards (every method logs rewards/margins)."""
     for entry in reversed(trainer.state.log_history):
         if "rewards/margins" in entry:
             return {k: v for k, v in entry.items() if k != "step"}

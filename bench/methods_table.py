@@ -3,8 +3,8 @@ evaluate.py's protocol on the test split, in one Markdown table (docs/methods_ta
 
     python build_dataset.py                  # data/pairs_five_char, if missing
     python train_base.py                     # data/base_model, if missing
-    python bench/methods_table.py            # dpo, chapter_unlikelihood, chapter_linear, grpo, rloo, grpo_reward_model
-                                             # x 3 training seeds -> docs/methods_table.md
+    python bench/methods_table.py            # dpo, chapter_unlikelihood, chapter_linear, simpo, orpo, kto, grpo, rloo,
+                                             # grpo_reward_model x 3 training seeds -> docs/methods_table.md
     python bench/methods_table.py --methods dpo,grpo --seeds 1 --output /tmp/methods_table.md
     python bench/methods_table.py --methods dpo,chapter_linear --seeds 1 --extra '--max_steps 2' \\
         --num_titles 8 --poems_per_title 2 --work_dir /tmp/methods --output /tmp/methods_table.md   # a smoke run

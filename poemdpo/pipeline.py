@@ -1,13 +1,14 @@
 """The main job, end to end on the embedded default: dataset -> base model (if missing) -> training -> evaluation.
 
 The training stage is one of the repository's roads (--method): DPO (the default), the chapter's two objectives
-on train_dpo.py, a reward model, GRPO or RLOO on the model's own poems, or GRPO rewarded by a reward model. The
-headline is evaluate.py's own: the rule's strict rate on random test titles (K poems each), with its 95%
-interval, beside the reference's. A reward model writes no poems: its headline is its accuracy on the held-out
+or SimPO / ORPO / KTO on train_dpo.py, a reward model, GRPO or RLOO on the model's own poems, or GRPO rewarded by a
+reward model. The headline is evaluate.py's own: the rule's strict rate on random test titles (K poems each), with
+its 95% interval, beside the reference's. A reward model writes no poems: its headline is its accuracy on the held-out
 pairs, as train_reward.py measured it. Every stage uses the same train / validation / test split of titles.
 
     python -m poemdpo.pipeline                       # DPO, 五言 preferred (rule five_char)
     python -m poemdpo.pipeline --rule seven_char     # 七言 preferred
+    python -m poemdpo.pipeline --method simpo        # SimPO (also orpo, kto): the DPO recipe, the objective swapped
     python -m poemdpo.pipeline --method grpo         # GRPO, the rule as reward
     python -m poemdpo.pipeline --method grpo_reward_model   # a reward model (if missing), then GRPO against it
     python -m poemdpo.pipeline --max_train_pairs 500 # anything after the known options goes to the training script
@@ -42,6 +43,9 @@ METHODS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "dpo": ("train_dpo.py", "configs/dpo_tiny_cpu.yaml", ()),
     "chapter_unlikelihood": ("train_dpo.py", "configs/dpo_chapter_unlikelihood_cpu.yaml", ()),
     "chapter_linear": ("train_dpo.py", "configs/dpo_chapter_linear_cpu.yaml", ()),
+    "simpo": ("train_dpo.py", "configs/simpo_tiny_cpu.yaml", ("--method", "simpo")),
+    "orpo": ("train_dpo.py", "configs/orpo_tiny_cpu.yaml", ("--method", "orpo")),
+    "kto": ("train_dpo.py", "configs/kto_tiny_cpu.yaml", ("--method", "kto")),
     "reward_model": ("train_reward.py", "configs/reward_tiny_cpu.yaml", ()),
     "grpo": ("train_rl.py", "configs/grpo_tiny_cpu.yaml", ("--method", "grpo")),
     "rloo": ("train_rl.py", "configs/rloo_tiny_cpu.yaml", ("--method", "rloo")),
@@ -54,7 +58,9 @@ class PipelineArguments:
     method: str = field(
         default="dpo",
         metadata={"help": "The training road. dpo: DPO, the default recipe (sigmoid + SFT); chapter_unlikelihood / "
-                  "chapter_linear: the chapter's objectives (a) and (b), DPO's recipe with the loss swapped; "
+                  "chapter_linear: the chapter's objectives (a) and (b), DPO's recipe with the loss swapped; simpo / "
+                  "orpo / kto: TRL's CPOTrainer (SimPO), ORPOTrainer, KTOTrainer, DPO's recipe with the objective "
+                  "swapped; "
                   "reward_model: a reward model on the pairs (no policy: its held-out accuracy is the result); "
                   "grpo / rloo: RL on the model's own poems, the rule as reward; grpo_reward_model: GRPO rewarded "
                   "by a reward model (trained first if --reward_model is missing).", "choices": list(METHODS)},

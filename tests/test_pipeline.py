@@ -110,31 +110,35 @@ def stages(tmp_path, monkeypatch) -> Stages:
 def parse_training_command(command: list[str]):
     """A training stage's command as its script parses it (recipe, then the command line): the flags must be the
     script's own, and the values must land in the fields the script reads."""
-    from trl import DPOConfig, ModelConfig, RewardConfig, TrlParser
+    from trl import ModelConfig, RewardConfig, TrlParser
 
     import train_rl
-    from poemdpo.training.dpo import DPOScriptArguments
+    from poemdpo.training import methods
+    from poemdpo.training.dpo import read_recipe
     from poemdpo.training.reward import RewardScriptArguments
     from poemdpo.training.rl import METHODS, RLScriptArguments, method_of
 
     argv = command[1:]
     classes = {
-        "train_dpo.py": (DPOScriptArguments, DPOConfig),
-        "train_reward.py": (RewardScriptArguments, RewardConfig),
-        "train_rl.py": (RLScriptArguments, METHODS[method_of(argv, train_rl.read_recipe(argv))][0]),
-    }[command[0]]
+        "train_dpo.py": lambda: methods.parser_classes(methods.method_of(argv, read_recipe(argv)))[:2],
+        "train_reward.py": lambda: (RewardScriptArguments, RewardConfig),
+        "train_rl.py": lambda: (RLScriptArguments, METHODS[method_of(argv, train_rl.read_recipe(argv))][0]),
+    }[command[0]]()
     return TrlParser((*classes, ModelConfig)).parse_args_and_config(args=argv)
 
 
-@pytest.mark.parametrize("method, script, recipe, rl_method", [
+@pytest.mark.parametrize("method, script, recipe, script_method", [
     ("dpo", "train_dpo.py", "configs/dpo_tiny_cpu.yaml", None),
     ("chapter_unlikelihood", "train_dpo.py", "configs/dpo_chapter_unlikelihood_cpu.yaml", None),
     ("chapter_linear", "train_dpo.py", "configs/dpo_chapter_linear_cpu.yaml", None),
+    ("simpo", "train_dpo.py", "configs/simpo_tiny_cpu.yaml", "simpo"),
+    ("orpo", "train_dpo.py", "configs/orpo_tiny_cpu.yaml", "orpo"),
+    ("kto", "train_dpo.py", "configs/kto_tiny_cpu.yaml", "kto"),
     ("grpo", "train_rl.py", "configs/grpo_tiny_cpu.yaml", "grpo"),
     ("rloo", "train_rl.py", "configs/rloo_tiny_cpu.yaml", "rloo"),
 ])
 def test_a_policy_method_trains_with_its_recipe_then_evaluates_its_output(stages, capsys, method, script, recipe,
-                                                                          rl_method):
+                                                                          script_method):
     result = pipeline.main(["--method", method, "--rule", "seven_char", "--max_steps", "3"])
     assert stages.scripts() == ["build_dataset.py", script, "evaluate.py"]
     assert set(result["seconds"]) == {"dataset", method, "evaluation"}
@@ -146,8 +150,11 @@ def test_a_policy_method_trains_with_its_recipe_then_evaluates_its_output(stages
     assert (model_args.model_name_or_path, script_args.dataset_name) == ("data/base_model", "data/pairs_seven_char")
     assert script_args.rule == "seven_char"  # the RL recipes name five_char: the pipeline's rule must win
     assert args.output_dir == f"data/{method}_seven_char" and args.max_steps == 3
-    if rl_method:
-        assert command[:3] == ["train_rl.py", "--method", rl_method] and script_args.method == rl_method
+    if script_method:  # the script's own --method picks its trainer and config class
+        assert command[:3] == [script, "--method", script_method] and script_args.method == script_method
+    else:
+        assert getattr(script_args, "method", "dpo") == "dpo" and type(args).__name__ == "DPOConfig"
+    if script == "train_rl.py":
         assert script_args.reward_model is None  # the rule is the reward
     evaluate = stages.command("evaluate.py")
     assert evaluate[evaluate.index("--model") + 1] == f"data/{method}_seven_char"

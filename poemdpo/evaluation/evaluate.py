@@ -8,7 +8,8 @@
 - Uncertainty: Wilson intervals on pooled counts; an exact McNemar test of aligned against reference on the same
   title and sample slots; `evaluate.py --compare A B` the same test between two evaluations.
 - The report follows the rule: held-out loss per character on the poems the rule prefers and on the others; DPO
-  rewards computed as the recipe computed them (β and `ld_alpha` from the model's `poemdpo.json`).
+  rewards computed as the recipe computed them (β and `ld_alpha` from the model's `poemdpo.json`); none for a
+  run trained without a reference (SimPO, ORPO).
 - How far the aligned model moved: KL(π‖π_ref) estimated on its own sampled poems (`metrics.kl_to_reference`),
   per poem and per token, with its standard error.
 Nothing in a model directory is executed: run settings come from plain JSON, never the Trainer's pickles.
@@ -56,6 +57,10 @@ from poemdpo.models.loading import check_model_path, load_for_inference, looks_l
 from poemdpo.run_info import read_run_info
 
 DEFAULT_BETA = 0.1  # TRL's DPOConfig default, used when the model records none
+# Runs trained with no reference model: their β scales a poem's mean log-prob, not a log-ratio to a reference, so DPO's
+# implicit rewards β·log(π/π_ref) would be made up. (DPO, KTO, GRPO and RLOO hold the policy near the reference with
+# β: theirs are computed.)
+REFERENCE_FREE_STAGES = ("simpo", "orpo")
 TRAINER_STATE = "trainer_state.json"
 POEMS_FILE = "poems.jsonl"
 
@@ -180,9 +185,13 @@ def resolve_reference(args: EvalArguments) -> str:
 
 
 def resolve_training_settings(args: EvalArguments, info: dict) -> dict:
-    """β and ld_alpha as the run trained with them, from its poemdpo.json (or --beta)."""
+    """β and ld_alpha as the run trained with them, from its poemdpo.json (or --beta); β None for a run with no
+    reference model (REFERENCE_FREE_STAGES), which has no DPO rewards to recompute unless --beta asks for them."""
     if args.beta is not None:
         return {"beta": args.beta, "ld_alpha": info.get("ld_alpha"), "source": "--beta"}
+    if info.get("stage") in REFERENCE_FREE_STAGES:
+        return {"beta": None, "ld_alpha": None,
+                "source": f"none: a {info['stage']} run, trained without a reference model"}
     if info.get("beta") is not None:
         return {"beta": float(info["beta"]), "ld_alpha": info.get("ld_alpha"), "source": "poemdpo.json"}
     return {"beta": DEFAULT_BETA, "ld_alpha": None, "source": "default (the model records none)"}
@@ -382,10 +391,12 @@ def markdown_report(report: dict) -> str:
         f"Aligned against reference on the same {test['n_pairs']} title/seed/sample slots (exact McNemar): aligned "
         f"only {test['a_only']}, reference only {test['b_only']}, p = {test['p_value']:.3g}.",
         "",
-        f"DPO implicit rewards on {rewards['n_pairs']} {settings['split']} pairs, as the recipe computed them "
-        f"(β = {rewards['beta']}, ld_alpha = {rewards['ld_alpha']}, from {report['training_settings']['source']}): "
-        f"reward accuracy **{_pct(rewards['reward_accuracy'])}**, mean margin **{rewards['mean_margin']:.3f}** "
-        f"(chosen {rewards['mean_chosen_reward']:.3f}, rejected {rewards['mean_rejected_reward']:.3f}).",
+        (f"DPO implicit rewards on {rewards['n_pairs']} {settings['split']} pairs, as the recipe computed them "
+         f"(β = {rewards['beta']}, ld_alpha = {rewards['ld_alpha']}, from {report['training_settings']['source']}): "
+         f"reward accuracy **{_pct(rewards['reward_accuracy'])}**, mean margin **{rewards['mean_margin']:.3f}** "
+         f"(chosen {rewards['mean_chosen_reward']:.3f}, rejected {rewards['mean_rejected_reward']:.3f}).")
+        if rewards else f"No DPO implicit rewards ({report['training_settings']['source']}: its β does not scale a "
+                        "log-ratio to the reference); `--beta` computes them anyway.",
         "",
         "Loss per character = summed NLL of the poem's tokens and eos / the poem's characters, each poem under "
         "its own title, in the prompt format the model was trained with.",
@@ -420,7 +431,8 @@ def headline(report: dict) -> str:
     out.append(f"paired    aligned only {test['a_only']}, reference only {test['b_only']}, McNemar p = "
                f"{test['p_value']:.3g}")
     out.append(f"rewards   accuracy {_pct(r['reward_accuracy'])}  mean margin {r['mean_margin']:.3f}  "
-               f"(β={r['beta']}, ld_alpha={r['ld_alpha']})")
+               f"(β={r['beta']}, ld_alpha={r['ld_alpha']})" if r else
+               f"rewards   {report['training_settings']['source']}: no DPO rewards")
     kl = report["models"]["aligned"].get("kl_to_reference")
     if kl:
         out.append(f"KL        aligned ‖ reference {kl_text(kl)}, on the aligned model's own poems")
@@ -523,8 +535,9 @@ def run(args: EvalArguments) -> dict:
     prompts, chosen = scoring_rows(chat, pair_rows["title"], pair_rows["chosen"])
     _, rejected = scoring_rows(chat, pair_rows["title"], pair_rows["rejected"])
     rows = [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in zip(prompts, chosen, rejected, strict=True)]
-    rewards = dpo_reward_stats(policy, reference, policy_tok, rows, training["beta"], ld_alpha=training["ld_alpha"],
-                               batch_size=args.batch_size, max_length=max_length, progress=True)
+    rewards = None if training["beta"] is None else dpo_reward_stats(
+        policy, reference, policy_tok, rows, training["beta"], ld_alpha=training["ld_alpha"],
+        batch_size=args.batch_size, max_length=max_length, progress=True)
     paired = mcnemar_exact([r["counts"] for r in records["aligned"]], [r["counts"] for r in records["reference"]])
 
     plots = {"form distribution": plot_form_distribution(

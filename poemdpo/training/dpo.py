@@ -34,8 +34,6 @@ REMOVED_KEYS = {
 }
 
 
-
-
 @dataclass
 class DPOScriptArguments:
     dataset_name: str = field(
@@ -91,27 +89,39 @@ class DPOScriptArguments:
     )
 
 
-def check_removed_keys(argv: list[str]) -> None:
+def read_recipe(argv: list[str]) -> dict:
+    """The recipe named by `--config` as a mapping ({} without one)."""
+    if "--config" not in argv:
+        return {}
+    index = argv.index("--config") + 1
+    config_path = argv[index] if index < len(argv) else ""
+    if not os.path.isfile(config_path):
+        raise PoemDPOError(f"recipe {config_path!r} does not exist")
+    with open(config_path, encoding="utf-8") as f:
+        config = yaml.safe_load(f) or {}
+    if not isinstance(config, dict):
+        raise PoemDPOError(f"recipe {config_path!r} must be a YAML mapping of argument names to values")
+    return config
+
+
+def argument_keys(argv: list[str]) -> set[str]:
+    """Every key set in the recipe or on the command line."""
+    return {arg[2:].split("=", 1)[0].replace("-", "_") for arg in argv if arg.startswith("--")} | set(read_recipe(argv))
+
+
+def check_removed_keys(argv: list[str], config_class: type = DPOConfig) -> None:
     """Refuse keys TRL 1.x dropped, in the recipe or on the command line, with what to use instead."""
-    keys = {arg[2:].split("=", 1)[0].replace("-", "_") for arg in argv if arg.startswith("--")}
-    if "--config" in argv:
-        config_path = argv[argv.index("--config") + 1]
-        if not os.path.isfile(config_path):
-            raise PoemDPOError(f"recipe {config_path!r} does not exist")
-        with open(config_path, encoding="utf-8") as f:
-            config = yaml.safe_load(f) or {}
-        if not isinstance(config, dict):
-            raise PoemDPOError(f"recipe {config_path!r} must be a YAML mapping of argument names to values")
-        keys |= set(config)
-    known = {f.name for f in fields(DPOConfig)}
-    for key in sorted(keys):
+    known = {f.name for f in fields(config_class)}
+    name = config_class.__name__.removesuffix("Config")
+    for key in sorted(argument_keys(argv)):
         if key in REMOVED_KEYS and key not in known:
-            raise PoemDPOError(f"{key!r} is not a DPO setting in TRL 1.x: {REMOVED_KEYS[key]}")
+            raise PoemDPOError(f"{key!r} is not a {name} setting in TRL 1.x: {REMOVED_KEYS[key]}")
 
 
 def check_settings(args: DPOConfig, script_args: DPOScriptArguments) -> None:
-    """Settings TRL accepts but ignores, or that cannot work together."""
-    if args.padding_free:
+    """Settings TRL accepts but ignores, or that cannot work together (any preference config: poemdpo.training.methods
+    checks each method's own)."""
+    if getattr(args, "padding_free", False):
         raise PoemDPOError(
             "padding_free: true is ignored by TRL 1.x's DPOTrainer (it falls back to padding); remove it"
         )
