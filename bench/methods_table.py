@@ -57,7 +57,7 @@ from poemdpo.errors import PoemDPOError  # noqa: E402
 from poemdpo.evaluation.evaluate import EvalArguments, compare, pooled_rule_rate, run, training_log  # noqa: E402
 from poemdpo.evaluation.tables import markdown_table  # noqa: E402
 from poemdpo.models.loading import looks_local  # noqa: E402
-from poemdpo.pipeline import METHODS  # noqa: E402
+from poemdpo.pipeline import METHODS, STARTS_FROM  # noqa: E402
 from poemdpo.run_info import read_run_info  # noqa: E402
 
 BASELINE = "dpo"
@@ -177,7 +177,11 @@ def train_and_evaluate(method: str, seed: int, args: argparse.Namespace, extra: 
     script, recipe, method_args = METHODS[method]
     common = ["--model_name_or_path", args.base_model, "--dataset_name", args.dataset, "--rule", args.rule,
               "--seed", str(seed)]
-    commands, judge_dir = [], None
+    commands, judge_dir, first = [], None, None
+    if method in STARTS_FROM:  # dpo_grpo goes on from the dpo run of the same seed (methods_of runs dpo first)
+        first = json.loads((Path(args.work_dir) / STARTS_FROM[method] / f"seed_{seed}" / RUN_RECORD).read_text(
+            encoding="utf-8"))
+        common[1] = first["model"]
     if method == "grpo_reward_model":
         judge_dir = run_dir / "judge"
         judge_script, judge_recipe, _ = METHODS[JUDGE]
@@ -196,7 +200,10 @@ def train_and_evaluate(method: str, seed: int, args: argparse.Namespace, extra: 
     record = {
         "method": method, "seed": seed, "model": str(model_dir), "eval": str(run_dir / "eval"),
         "train_seconds": seconds[-1], "judge_seconds": seconds[0] if judge_dir else None,
-        "consumed": consumed(method, model_dir, judge_dir), "eval_seconds": report["seconds"],
+        "first_seconds": first["train_seconds"] if first else None,
+        "consumed": {**({"pairs": first["consumed"]["pairs"]} if first else {}),
+                     **consumed(method, model_dir, judge_dir)},
+        "eval_seconds": report["seconds"],
         "commands": [["python", *command] for command in commands],
     }
     if not args.keep_checkpoints:  # the figures are read: the optimizer states are the bulk of a run on disk
@@ -211,7 +218,7 @@ def train_and_evaluate(method: str, seed: int, args: argparse.Namespace, extra: 
 
 
 def seconds_total(record: dict) -> float:
-    return record["train_seconds"] + (record["judge_seconds"] or 0.0)
+    return record["train_seconds"] + (record["judge_seconds"] or 0.0) + (record.get("first_seconds") or 0.0)
 
 
 # --- the table ------------------------------------------------------------------------------------------------------
@@ -313,7 +320,8 @@ def render(runs: dict[str, list[dict]], args: argparse.Namespace) -> str:
         "on the discordant slots of every seed (seed s against dpo's seed s)",
         "- KL to reference: mean over the method's own sampled poems of log π(poem) − log π_ref(poem), nats per "
         "poem ± standard error (per token); training minutes: wall time of the training script (grpo_reward_model: "
-        "its judge's too); consumed: pairs gone through (train_dpo.py) or poems written (train_rl.py)",
+        "its judge's too; dpo_grpo: the dpo run's too); consumed: pairs gone through (train_dpo.py) or poems "
+        "written (train_rl.py)",
         "",
         markdown_table([h.format(rule=first["rule"]) for h in HEADER], rows),
         "",

@@ -10,6 +10,7 @@ pairs, as train_reward.py measured it. Every stage uses the same train / validat
     python -m poemdpo.pipeline --rule seven_char     # 七言 preferred
     python -m poemdpo.pipeline --method simpo        # SimPO (also orpo, kto): the DPO recipe, the objective swapped
     python -m poemdpo.pipeline --method grpo         # GRPO, the rule as reward
+    python -m poemdpo.pipeline --method dpo_grpo     # DPO, then 50 GRPO steps on the DPO model's own poems
     python -m poemdpo.pipeline --method grpo_reward_model   # a reward model (if missing), then GRPO against it
     python -m poemdpo.pipeline --max_train_pairs 500 # anything after the known options goes to the training script
 
@@ -50,7 +51,11 @@ METHODS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "grpo": ("train_rl.py", "configs/grpo_tiny_cpu.yaml", ("--method", "grpo")),
     "rloo": ("train_rl.py", "configs/rloo_tiny_cpu.yaml", ("--method", "rloo")),
     "grpo_reward_model": ("train_rl.py", "configs/grpo_tiny_cpu.yaml", ("--method", "grpo")),
+    "dpo_grpo": ("train_rl.py", "configs/grpo_after_dpo_cpu.yaml", ("--method", "grpo")),
 }
+# Methods that go on from another method's model: dpo_grpo is DPO (its own stage, into data/dpo_<rule>), then GRPO
+# with the rule on the DPO model's poems. Corpus pairs teach the form; only the policy's own poems show its slips.
+STARTS_FROM = {"dpo_grpo": "dpo"}
 
 
 @dataclass
@@ -63,7 +68,9 @@ class PipelineArguments:
                   "swapped; "
                   "reward_model: a reward model on the pairs (no policy: its held-out accuracy is the result); "
                   "grpo / rloo: RL on the model's own poems, the rule as reward; grpo_reward_model: GRPO rewarded "
-                  "by a reward model (trained first if --reward_model is missing).", "choices": list(METHODS)},
+                  "by a reward model (trained first if --reward_model is missing); dpo_grpo: DPO into "
+                  "data/dpo_<rule> (recipe: --dpo_config, default DPO's), then 50 GRPO steps with the rule on that "
+                  "model's own poems (--config; the extra arguments go to this last stage).", "choices": list(METHODS)},
     )
     rule: str = field(default="five_char",
                       metadata={"help": "Which poems to prefer.", "choices": sorted(RULES)})
@@ -110,8 +117,11 @@ def run_stage(name: str, command: list[str]) -> float:
 
 
 def recipe_of(args: PipelineArguments) -> str:
-    """--config, else --dpo_config (its old name, train_dpo.py's methods only), else the method's own recipe."""
+    """--config, else --dpo_config (its old name, train_dpo.py's methods only), else the method's own recipe.
+    (For a method that starts from DPO's model, --dpo_config is that first stage's recipe: first_recipe_of.)"""
     script, recipe, _ = METHODS[args.method]
+    if args.method in STARTS_FROM:
+        return args.config or recipe
     if args.dpo_config is not None:
         if script != "train_dpo.py":
             sys.exit(f"pipeline: --dpo_config is a recipe for train_dpo.py; --method {args.method} trains with "
@@ -119,6 +129,11 @@ def recipe_of(args: PipelineArguments) -> str:
         if args.config is not None and args.config != args.dpo_config:
             sys.exit("pipeline: --dpo_config is the old name of --config; give one of them")
     return args.config or args.dpo_config or recipe
+
+
+def first_recipe_of(args: PipelineArguments) -> str:
+    """The recipe of the stage a STARTS_FROM method goes on from: --dpo_config, else that method's own."""
+    return args.dpo_config or METHODS[STARTS_FROM[args.method]][1]
 
 
 def print_times(seconds: dict[str, float]) -> None:
@@ -153,6 +168,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     # 3. Training: every script takes the same model, data, rule and output flags (the RL recipes name a rule).
     common = ["--model_name_or_path", args.base_model, "--dataset_name", pairs, "--rule", args.rule]
+    if args.method in STARTS_FROM:  # the first stage, as its own method runs it; the second goes on from its model
+        first = STARTS_FROM[args.method]
+        first_script, _, first_args = METHODS[first]
+        first_dir = f"data/{first}_{args.rule}"
+        seconds[first] = run_stage(first, [first_script, *first_args, "--config", first_recipe_of(args), *common,
+                                           "--output_dir", first_dir])
+        common = ["--model_name_or_path", first_dir, *common[2:]]
     if args.method == "grpo_reward_model":
         reward_dir = args.reward_model or f"data/reward_model_{args.rule}"
         if not (ROOT / reward_dir / "config.json").is_file():

@@ -138,3 +138,38 @@ def test_grpo_reward_model_trains_its_judge_first_and_counts_both(tmp_path, monk
     monkeypatch.setattr(methods_table, "run_script", lambda command, log: pytest.fail("trained again"))
     args.resume = True
     assert methods_table.train_and_evaluate("grpo_reward_model", 43, args, ["--max_steps", "2"]) == record
+
+
+def test_dpo_grpo_goes_on_from_the_dpo_run_of_the_same_seed(tmp_path, monkeypatch):
+    """GRPO starts from dpo's model of the same training seed, and the row counts dpo's minutes and pairs too."""
+    from test_pipeline import parse_training_command
+
+    from poemdpo.evaluation.metrics import rate_with_interval
+
+    (tmp_path / "pairs").mkdir()
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "config.json").write_text("{}", encoding="utf-8")
+
+    def fake_script(command, log):
+        out = tmp_path / command[command.index("--output_dir") + 1]
+        (out / "checkpoint-7").mkdir(parents=True)
+        (out / "checkpoint-7" / "trainer_state.json").write_text(json.dumps({"epoch": 1.0}), encoding="utf-8")
+        info = {"train_pairs": 40} if command[0] == "train_dpo.py" else {"completions": 1600}
+        (out / "poemdpo.json").write_text(json.dumps(info), encoding="utf-8")
+        return 300.0 if command[0] == "train_dpo.py" else 330.0
+
+    monkeypatch.setattr(methods_table, "run_script", fake_script)
+    monkeypatch.setattr(methods_table, "run", lambda args: {"seconds": 2.0, "models": {
+        "aligned": {"rule_rate": rate_with_interval(1, 2)}}})
+    args = methods_table.parse_args(["--dataset", str(tmp_path / "pairs"), "--base_model", str(tmp_path / "base"),
+                                     "--work_dir", str(tmp_path / "runs"), "--methods", "dpo_grpo"])
+    assert args.methods == ["dpo", "dpo_grpo"]
+    dpo = methods_table.train_and_evaluate("dpo", 44, args, [])
+    record = methods_table.train_and_evaluate("dpo_grpo", 44, args, ["--max_steps", "2"])
+    (command,) = (command[1:] for command in record["commands"])
+    script_args, config, model_args = parse_training_command(command)
+    assert command[0] == "train_rl.py" and script_args.method == "grpo" and config.max_steps == 2
+    assert model_args.model_name_or_path == dpo["model"] == str(tmp_path / "runs" / "dpo" / "seed_44" / "model")
+    assert config.seed == 44 and config.output_dir == str(tmp_path / "runs" / "dpo_grpo" / "seed_44" / "model")
+    assert methods_table.seconds_total(record) == 630.0  # dpo's 300 s and GRPO's 330 s
+    assert methods_table.consumed_cell([record]) == "40 pairs + 1,600 poems"

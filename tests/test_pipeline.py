@@ -188,6 +188,31 @@ def test_grpo_reward_model_trains_the_reward_model_first_then_grpo_against_it(st
     assert (tmp_path / "data" / "my_judge" / "poemdpo.json").is_file()
 
 
+def test_dpo_grpo_trains_dpo_then_grpo_on_the_dpo_model_and_evaluates_against_the_base(stages):
+    pipeline.main(["--method", "dpo_grpo", "--rule", "seven_char", "--max_steps", "3"])
+    assert stages.scripts() == ["build_dataset.py", "train_dpo.py", "train_rl.py", "evaluate.py"]
+    dpo = stages.command("train_dpo.py")
+    assert dpo[dpo.index("--config") + 1] == "configs/dpo_tiny_cpu.yaml" and "--max_steps" not in dpo
+    _, dpo_args, dpo_model = parse_training_command(dpo)
+    assert (dpo_model.model_name_or_path, dpo_args.output_dir) == ("data/base_model", "data/dpo_seven_char")
+
+    rl = stages.command("train_rl.py")
+    assert rl[rl.index("--config") + 1] == "configs/grpo_after_dpo_cpu.yaml"
+    script_args, args, model_args = parse_training_command(rl)
+    assert model_args.model_name_or_path == "data/dpo_seven_char"  # goes on from the DPO model
+    assert (script_args.method, script_args.rule, script_args.reward_model) == ("grpo", "seven_char", None)
+    assert (args.output_dir, args.max_steps) == ("data/dpo_grpo_seven_char", 3)  # extra arguments: the last stage
+    evaluate = stages.command("evaluate.py")
+    assert evaluate[evaluate.index("--model") + 1] == "data/dpo_grpo_seven_char"
+    assert evaluate[evaluate.index("--reference") + 1] == "data/base_model"  # the whole way from the base model
+
+    stages.commands.clear()  # --dpo_config is the first stage's recipe, --config the second's
+    pipeline.main(["--method", "dpo_grpo", "--dpo_config", "configs/dpo_chapter_linear_cpu.yaml",
+                   "--config", "configs/grpo_tiny_cpu.yaml"])
+    assert stages.command("train_dpo.py")[1:3] == ["--config", "configs/dpo_chapter_linear_cpu.yaml"]
+    assert stages.command("train_rl.py")[3:5] == ["--config", "configs/grpo_tiny_cpu.yaml"]
+
+
 def test_reward_model_reports_its_accuracy_and_samples_no_poems(stages, capsys):
     result = pipeline.main(["--method", "reward_model"])
     assert stages.scripts() == ["build_dataset.py", "train_reward.py"]  # no policy: no evaluate.py
