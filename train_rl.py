@@ -12,10 +12,8 @@ Without --config the method's recipe is read. Every field of the recipe can be o
 
 from __future__ import annotations
 
-import os
 import sys
 
-import yaml
 from trl import ModelConfig, TrlParser, get_peft_config
 
 from poemdpo.data.prompts import CHAPTER_TITLES
@@ -28,6 +26,7 @@ from poemdpo.training.dpo import (
     held_out_titles,
     load_pairs,
     preference_rule,
+    read_recipe,
     use_chat_format,
 )
 from poemdpo.training.rl import (
@@ -49,19 +48,6 @@ from poemdpo.training.rl import (
     write_rl_card,
 )
 from poemdpo.training.samples import SamplePoemsCallback
-
-
-def read_recipe(argv: list[str]) -> dict:
-    if "--config" not in argv:
-        return {}
-    path = argv[argv.index("--config") + 1] if argv.index("--config") + 1 < len(argv) else ""
-    if not os.path.isfile(path):
-        raise PoemDPOError(f"recipe {path!r} does not exist")
-    with open(path, encoding="utf-8") as f:
-        recipe = yaml.safe_load(f) or {}
-    if not isinstance(recipe, dict):
-        raise PoemDPOError(f"recipe {path!r} must be a YAML mapping of argument names to values")
-    return recipe
 
 
 def main(argv: list[str] | None = None):

@@ -33,7 +33,7 @@ from poemdpo.errors import PoemDPOError
 from poemdpo.training.dpo import DPOScriptArguments
 from poemdpo.training.model_card import card_metadata, card_results, prompt_section, write_model_card
 from poemdpo.training.objectives import trainer_class
-from poemdpo.training.samples import check_engine, last_complete_checkpoint
+from poemdpo.training.samples import PoemTrainerMixin
 from poemdpo.training.speed import LENGTH_COLUMN, _text_length
 
 with warnings.catch_warnings():  # "APIs here are unstable": requirements.txt pins TRL, and the tests here run them
@@ -137,36 +137,14 @@ def needs_reference(method: str, model_args: ModelConfig, args) -> bool:
 # --- trainers -------------------------------------------------------------------------------------------------------
 
 
-class _PoemTrainer:
-    """What PoemDPOTrainer adds to DPOTrainer, for TRL's other preference trainers: metrics handed in by callbacks (the
-    sample poems' rates) join the next training log; a launch that would not run as launched stops; the final save
-    is one whole model and never pushes (train_dpo.py pushes once, with poem-dpo's card); `resume_from_checkpoint
-    =True` takes the last finished checkpoint. A reference-free trainer gets `ref_model = None`, so the sample poems'
-    reference column is the policy before its first step, the model the method started from."""
+class _PoemTrainer(PoemTrainerMixin):
+    """PoemTrainerMixin for TRL's other preference trainers. A reference-free trainer gets `ref_model = None`, so the
+    sample poems' reference column is the policy before its first step, the model the method started from."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.pending_metrics: dict[str, float] = {}
         if not hasattr(self, "ref_model"):
             self.ref_model = None
-        check_engine(self.accelerator)
-
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if self.model.training:
-            logs.update(self.pending_metrics)
-            self.pending_metrics = {}
-        super().log(logs, start_time)
-
-    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        plugin = self.accelerator.state.fsdp_plugin if self.is_fsdp_enabled else None
-        if plugin is not None and not _internal_call and "FULL_STATE_DICT" not in str(plugin.state_dict_type):
-            plugin.set_state_dict_type("FULL_STATE_DICT")  # as PoemDPOTrainer: one whole model at the end
-        super().save_model(output_dir, _internal_call=True)
-
-    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
-        if resume_from_checkpoint is True:
-            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
-        return super().train(resume_from_checkpoint, *args, **kwargs)
 
 
 class _TokenizedAsDPO:

@@ -26,8 +26,9 @@ def rule_rate(poems: list[str], rule: str) -> float:
     return rate_of(lambda poem: preferred(poem, rule), poems)
 
 
-class PoemDPOTrainer(DPOTrainer):
-    """TRL's DPOTrainer, changed where it would fail a user quietly:
+class PoemTrainerMixin:
+    """What poem-dpo adds to TRL's trainers (DPO here; CPO, ORPO and KTO in methods.py), where they would fail a user
+    quietly:
 
     - training logs carry the metrics callbacks hand in (the sample poems' rates): logging from inside a
       callback on one process desynchronises a multi-process run, the next regular log keeps all in step;
@@ -62,6 +63,10 @@ class PoemDPOTrainer(DPOTrainer):
         if resume_from_checkpoint is True:
             resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
         return super().train(resume_from_checkpoint, *args, **kwargs)
+
+
+class PoemDPOTrainer(PoemTrainerMixin, DPOTrainer):
+    """TRL's DPOTrainer with PoemTrainerMixin's changes."""
 
 
 def last_complete_checkpoint(output_dir: str | Path) -> str:
