@@ -1,6 +1,6 @@
 """The side-by-side page: the aligned and the reference model write a poem for the same title.
 
-    python app.py                                                    # data/dpo_five_char vs data/base_model
+    python app.py                                                    # data/dpo_grpo_five_char vs data/base_model
     python app.py --model data/dpo_seven_char --rule seven_char --port 7861
     python app.py --model you/aligned-qwen --reference Qwen/Qwen2.5-0.5B-Instruct   # Hub ids, when online
     python app.py --host 0.0.0.0                                     # reachable from other machines

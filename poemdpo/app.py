@@ -1,6 +1,6 @@
 """The side-by-side page: type a title, read the aligned and the reference model's poems next to each other.
 
-    python app.py                                                   # data/dpo_five_char vs data/base_model
+    python app.py                                                   # data/dpo_grpo_five_char vs data/base_model
     python app.py --model data/dpo_seven_char --rule seven_char --port 7861
     python app.py --model you/aligned-qwen --reference Qwen/Qwen2.5-0.5B-Instruct   # Hub ids, when online
 
@@ -31,8 +31,9 @@ from poemdpo.errors import PoemDPOError
 from poemdpo.evaluation.metrics import wilson_interval
 from poemdpo.models.generation import generate_poems
 from poemdpo.models.loading import load_for_inference, looks_local
+from poemdpo.pipeline import DEFAULT_METHOD, METHODS
 
-DEFAULT_MODEL = "data/dpo_five_char"
+DEFAULT_MODEL = "data/dpo_grpo_five_char"  # what `python -m poemdpo.pipeline` writes
 DEFAULT_REFERENCE = "data/base_model"
 DEFAULT_RULE = "five_char"
 # The chapter's title: Du Fu's 春夜喜雨 (a training title; the examples after it are held out).
@@ -124,10 +125,11 @@ def make_command(path: str, role: str) -> str:
         return "python -m poemdpo.pipeline (it trains data/base_model first)"
     if role == "reference":
         return f"python train_base.py --output_dir {path}"
-    match = re.fullmatch(r"data/dpo_(\w+)", Path(path).as_posix())
-    if match and match.group(1) in RULES:
-        rule = match.group(1)
-        return "python -m poemdpo.pipeline" + ("" if rule == DEFAULT_RULE else f" --rule {rule}")
+    for method in sorted(METHODS, key=len, reverse=True):  # dpo_grpo before dpo
+        rule = Path(path).as_posix().removeprefix(f"data/{method}_")
+        if rule in RULES and rule != Path(path).as_posix():  # the directory the pipeline writes for this method
+            return ("python -m poemdpo.pipeline" + ("" if method == DEFAULT_METHOD else f" --method {method}")
+                    + ("" if rule == DEFAULT_RULE else f" --rule {rule}"))
     return f"python train_dpo.py --config configs/dpo_tiny_cpu.yaml --output_dir {path}"
 
 

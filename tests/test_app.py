@@ -49,8 +49,10 @@ def loaded(model_dirs) -> dict[str, app.LoadedModel]:
 
 
 def test_missing_directories_name_the_command_that_makes_them(tmp_path, capsys):
-    assert app.make_command("data/dpo_five_char", "aligned") == "python -m poemdpo.pipeline"
-    assert app.make_command("data/dpo_seven_char", "aligned") == "python -m poemdpo.pipeline --rule seven_char"
+    assert app.make_command("data/dpo_grpo_five_char", "aligned") == "python -m poemdpo.pipeline"
+    assert app.make_command("data/dpo_seven_char", "aligned") == \
+        "python -m poemdpo.pipeline --method dpo --rule seven_char"
+    assert app.make_command("data/grpo_five_char", "aligned") == "python -m poemdpo.pipeline --method grpo"
     assert app.make_command("data/base_model", "reference").startswith("python -m poemdpo.pipeline")
     missing = tmp_path / "dpo_run"
     with pytest.raises(PoemDPOError, match=r"the aligned model directory .*dpo_run' does not exist; make it with: "
@@ -72,7 +74,7 @@ def test_hub_ids_are_left_to_the_loader():
 
 def test_defaults_are_the_pipelines_outputs_and_localhost():
     args = app.AppArguments()
-    assert (args.model, args.reference, args.rule) == ("data/dpo_five_char", "data/base_model", "five_char")
+    assert (args.model, args.reference, args.rule) == ("data/dpo_grpo_five_char", "data/base_model", "five_char")
     assert (args.host, args.share) == ("127.0.0.1", False)
 
 

@@ -26,8 +26,8 @@ def test_pipeline_runs_every_stage_and_prints_the_headline(tmp_path, corpus_dir,
     splits, model_dir = SPLITS, tiny_base(tmp_path, corpus_dir)
     out = tmp_path / "dpo"
     result = pipeline.main([
-        "--corpus", str(corpus_dir), "--pairs_dir", str(tmp_path / "pairs"), "--base_model", model_dir,
-        "--output_dir", str(out), "--num_titles", "4", "--poems_per_title", "2", *splits,
+        "--method", "dpo", "--corpus", str(corpus_dir), "--pairs_dir", str(tmp_path / "pairs"), "--base_model",
+        model_dir, "--output_dir", str(out), "--num_titles", "4", "--poems_per_title", "2", *splits,
         # the rest goes to train_dpo.py
         "--max_train_pairs", "16", "--max_steps", "2", "--sample_titles", "2", "--sample_max_new_tokens", "16",
         "--report_to", "none", "--save_strategy", "no", "--eval_strategy", "no",
@@ -188,8 +188,8 @@ def test_grpo_reward_model_trains_the_reward_model_first_then_grpo_against_it(st
     assert (tmp_path / "data" / "my_judge" / "poemdpo.json").is_file()
 
 
-def test_dpo_grpo_trains_dpo_then_grpo_on_the_dpo_model_and_evaluates_against_the_base(stages):
-    pipeline.main(["--method", "dpo_grpo", "--rule", "seven_char", "--max_steps", "3"])
+def test_the_default_trains_dpo_then_grpo_on_the_dpo_model_and_evaluates_against_the_base(stages):
+    pipeline.main(["--rule", "seven_char", "--max_steps", "3"])  # the default method: dpo_grpo
     assert stages.scripts() == ["build_dataset.py", "train_dpo.py", "train_rl.py", "evaluate.py"]
     dpo = stages.command("train_dpo.py")
     assert dpo[dpo.index("--config") + 1] == "configs/dpo_tiny_cpu.yaml" and "--max_steps" not in dpo
@@ -225,19 +225,21 @@ def test_reward_model_reports_its_accuracy_and_samples_no_poems(stages, capsys):
 
 
 def test_config_and_the_old_dpo_config_name(stages):
-    pipeline.main(["--dpo_config", "configs/dpo_chapter_linear_cpu.yaml"])
+    pipeline.main(["--method", "dpo", "--dpo_config", "configs/dpo_chapter_linear_cpu.yaml"])
     assert stages.command("train_dpo.py")[1:3] == ["--config", "configs/dpo_chapter_linear_cpu.yaml"]
     stages.commands.clear()
     pipeline.main(["--method", "chapter_unlikelihood", "--config", "configs/dpo_tiny_cpu.yaml"])
     assert stages.command("train_dpo.py")[1:3] == ["--config", "configs/dpo_tiny_cpu.yaml"]
     stages.commands.clear()
-    pipeline.main(["--config", "configs/dpo_tiny_cpu.yaml", "--dpo_config", "configs/dpo_tiny_cpu.yaml"])
+    pipeline.main(["--method", "dpo", "--config", "configs/dpo_tiny_cpu.yaml", "--dpo_config",
+                   "configs/dpo_tiny_cpu.yaml"])
     assert stages.command("train_dpo.py")[1:3] == ["--config", "configs/dpo_tiny_cpu.yaml"]
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--method", "grpo", "--dpo_config", "configs/dpo_tiny_cpu.yaml"], "pass its recipe as --config"),
-    (["--config", "configs/dpo_tiny_cpu.yaml", "--dpo_config", "configs/dpo_chapter_linear_cpu.yaml"],
+    (["--method", "dpo", "--config", "configs/dpo_tiny_cpu.yaml", "--dpo_config",
+      "configs/dpo_chapter_linear_cpu.yaml"],
      "give one of them"),
     (["--method", "grpo", "--reward_model", "data/rm"], "--reward_model is the judge of --method grpo_reward_model"),
 ])
