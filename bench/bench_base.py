@@ -38,7 +38,7 @@ from transformers import (  # noqa: E402
 )
 from trl import TrlParser  # noqa: E402
 
-from poemdpo import forms  # noqa: E402
+from poemdpo.data import forms  # noqa: E402
 from poemdpo.data.corpus import read_corpus  # noqa: E402
 from poemdpo.data.prompts import build_prompt  # noqa: E402
 from poemdpo.data.splits import split_poems  # noqa: E402
