@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 
 import yaml
@@ -102,6 +103,18 @@ def read_recipe(argv: list[str]) -> dict:
     if not isinstance(config, dict):
         raise PoemDPOError(f"recipe {config_path!r} must be a YAML mapping of argument names to values")
     return config
+
+
+def method_named(argv: Sequence[str]) -> str | None:
+    """The value of `--method` on the command line (the last one given), else None. train_dpo.py and train_rl.py read
+    it before the full parse: the method decides the config class."""
+    named = None
+    for i, arg in enumerate(argv):
+        if arg == "--method" and i + 1 < len(argv):
+            named = argv[i + 1]
+        elif arg.startswith("--method="):
+            named = arg.split("=", 1)[1]
+    return named
 
 
 def argument_keys(argv: list[str]) -> set[str]:

@@ -30,7 +30,7 @@ from trl.data_utils import is_conversational, unpair_preference_dataset
 from trl.import_utils import TRLExperimentalWarning
 
 from poemdpo.errors import PoemDPOError
-from poemdpo.training.dpo import DPOScriptArguments
+from poemdpo.training.dpo import DPOScriptArguments, method_named
 from poemdpo.training.model_card import card_metadata, card_results, prompt_section, write_model_card
 from poemdpo.training.objectives import trainer_class
 from poemdpo.training.samples import PoemTrainerMixin
@@ -68,12 +68,7 @@ class PreferenceScriptArguments(DPOScriptArguments):
 def method_of(argv: Sequence[str], recipe: dict) -> str:
     """The method named on the command line or in the recipe, else dpo. Both naming different methods is refused: the
     recipe's other keys belong to its own method."""
-    named = None
-    for i, arg in enumerate(argv):
-        if arg == "--method" and i + 1 < len(argv):
-            named = argv[i + 1]
-        elif arg.startswith("--method="):
-            named = arg.split("=", 1)[1]
+    named = method_named(argv)
     in_recipe = recipe.get("method")
     method = named or in_recipe or "dpo"
     if method not in METHODS:

@@ -31,7 +31,7 @@ from poemdpo.errors import PoemDPOError
 from poemdpo.models import loading
 from poemdpo.models.generation import decode_poem, default_max_new_tokens
 from poemdpo.run_info import read_run_info, recorded_splits
-from poemdpo.training.dpo import DEFAULT_DATASET
+from poemdpo.training.dpo import DEFAULT_DATASET, method_named
 from poemdpo.training.model_card import card_results, prompt_section
 from poemdpo.training.reward import load_reward_model, score
 
@@ -105,12 +105,8 @@ class RLScriptArguments:
 def method_of(argv: Sequence[str], recipe: dict) -> str:
     """The method named on the command line, else in the recipe, else grpo: it decides the config class, so it is
     read before the full parse."""
-    method = recipe.get("method", "grpo")
-    for i, arg in enumerate(argv):
-        if arg == "--method" and i + 1 < len(argv):
-            method = argv[i + 1]
-        elif arg.startswith("--method="):
-            method = arg.split("=", 1)[1]
+    named = method_named(argv)
+    method = named if named is not None else recipe.get("method", "grpo")
     if method not in METHODS:
         hint = " (TRL 1.x removed PPOTrainer; GRPO and RLOO are its successors)" if method == "ppo" else ""
         raise PoemDPOError(f"unknown method {method!r}: choose one of {sorted(METHODS)}{hint}")
