@@ -91,28 +91,35 @@ def test_bad_arguments_stop_before_any_training(tmp_path, capsys):
     assert not (tmp_path / "runs").exists()
 
 
-def test_grpo_reward_model_trains_its_judge_first_and_counts_both(tmp_path, monkeypatch):
-    """The RL roads' wiring, with the scripts and the evaluation replaced: the judge is trained first with the same
-    seed, the policy is rewarded by it, each command parses with its script's own parser, and both are counted."""
-    from test_pipeline import parse_training_command
-
+def fake_training(tmp_path, monkeypatch, scripts: dict[str, tuple[dict, float]], epoch: float) -> None:
+    """Replace the training scripts and the evaluation: each script (by name: its poemdpo.json and seconds) leaves
+    what the real one leaves, poemdpo.json and a final checkpoint at `epoch`; pairs and a base model exist."""
     from poemdpo.evaluation.metrics import rate_with_interval
 
     (tmp_path / "pairs").mkdir()
     (tmp_path / "base").mkdir()
     (tmp_path / "base" / "config.json").write_text("{}", encoding="utf-8")
 
-    def fake_script(command, log):  # leaves what the real script leaves: poemdpo.json, a final checkpoint
+    def fake_script(command, log):
         out = tmp_path / command[command.index("--output_dir") + 1]
         (out / "checkpoint-7").mkdir(parents=True)
-        (out / "checkpoint-7" / "trainer_state.json").write_text(json.dumps({"epoch": 1.5}), encoding="utf-8")
-        info = {"train_pairs": 100} if command[0] == "train_reward.py" else {"completions": 256}
+        (out / "checkpoint-7" / "trainer_state.json").write_text(json.dumps({"epoch": epoch}), encoding="utf-8")
+        info, seconds = scripts[command[0]]
         (out / "poemdpo.json").write_text(json.dumps(info), encoding="utf-8")
-        return 60.0 if command[0] == "train_reward.py" else 120.0
+        return seconds
 
     monkeypatch.setattr(methods_table, "run_script", fake_script)
     monkeypatch.setattr(methods_table, "run", lambda args: {"seconds": 2.0, "models": {
         "aligned": {"rule_rate": rate_with_interval(1, 2)}}})
+
+
+def test_grpo_reward_model_trains_its_judge_first_and_counts_both(tmp_path, monkeypatch):
+    """The RL roads' wiring, with the scripts and the evaluation replaced: the judge is trained first with the same
+    seed, the policy is rewarded by it, each command parses with its script's own parser, and both are counted."""
+    from test_pipeline import parse_training_command
+
+    fake_training(tmp_path, monkeypatch, {"train_reward.py": ({"train_pairs": 100}, 60.0),
+                                          "train_rl.py": ({"completions": 256}, 120.0)}, epoch=1.5)
     args = methods_table.parse_args(["--dataset", str(tmp_path / "pairs"), "--base_model", str(tmp_path / "base"),
                                      "--work_dir", str(tmp_path / "runs"), "--methods", "grpo_reward_model,rloo"])
     assert args.methods == ["dpo", "grpo_reward_model", "rloo"]
@@ -144,23 +151,8 @@ def test_dpo_grpo_goes_on_from_the_dpo_run_of_the_same_seed(tmp_path, monkeypatc
     """GRPO starts from dpo's model of the same training seed, and the row counts dpo's minutes and pairs too."""
     from test_pipeline import parse_training_command
 
-    from poemdpo.evaluation.metrics import rate_with_interval
-
-    (tmp_path / "pairs").mkdir()
-    (tmp_path / "base").mkdir()
-    (tmp_path / "base" / "config.json").write_text("{}", encoding="utf-8")
-
-    def fake_script(command, log):
-        out = tmp_path / command[command.index("--output_dir") + 1]
-        (out / "checkpoint-7").mkdir(parents=True)
-        (out / "checkpoint-7" / "trainer_state.json").write_text(json.dumps({"epoch": 1.0}), encoding="utf-8")
-        info = {"train_pairs": 40} if command[0] == "train_dpo.py" else {"completions": 1600}
-        (out / "poemdpo.json").write_text(json.dumps(info), encoding="utf-8")
-        return 300.0 if command[0] == "train_dpo.py" else 330.0
-
-    monkeypatch.setattr(methods_table, "run_script", fake_script)
-    monkeypatch.setattr(methods_table, "run", lambda args: {"seconds": 2.0, "models": {
-        "aligned": {"rule_rate": rate_with_interval(1, 2)}}})
+    fake_training(tmp_path, monkeypatch, {"train_dpo.py": ({"train_pairs": 40}, 300.0),
+                                          "train_rl.py": ({"completions": 1600}, 330.0)}, epoch=1.0)
     args = methods_table.parse_args(["--dataset", str(tmp_path / "pairs"), "--base_model", str(tmp_path / "base"),
                                      "--work_dir", str(tmp_path / "runs"), "--methods", "dpo_grpo"])
     assert args.methods == ["dpo", "dpo_grpo"]
