@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None):
     # 5. Train.
     trainer = TRAINERS[method](
         model=model, reward_funcs=[reward], args=args, train_dataset=prompts, processing_class=tokenizer,
-        peft_config=get_peft_config(model_args),
+        peft_config=get_peft_config(model_args), token_sampler=script_args.sampler,
     )
     if isinstance(reward, RewardModelReward):
         reward.to(trainer.accelerator.device)
@@ -134,6 +134,7 @@ def main(argv: list[str] | None = None):
             "splits": splits.to_dict() if splits else None, "prompt_format": "chat" if chat else "instruction",
             "use_peft": model_args.use_peft, "train_titles": len(titles),
             "completions": trainer.completions_generated, "generation_seconds": trainer.generation_seconds,
+            "sampler": script_args.sampler,
             **{key: getattr(args, key) for key in ("beta", "num_generations", "max_completion_length", "temperature",
                                                    "top_k", "top_p", "learning_rate")},
         })

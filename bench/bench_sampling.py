@@ -6,10 +6,12 @@
 Every variant samples the same prompts (validation titles of --dataset, each --poems_per_title times) with
 `generate_samples` at temperature 1.0, plain sampling, the same seed. Variants:
 
-  dynamic@64    the old default: transformers' dynamic KV cache (concatenated every step), 64 poems at once
-  dynamic@256   the same cache, 256 at once
-  static@64     a static KV cache (preallocated, written in place), 64 at once
-  static@256    today's default (generation.SAMPLE_BATCH_SIZE, CACHE_IMPLEMENTATION)
+  dynamic@64     the first default: transformers' dynamic KV cache (concatenated every step), 64 poems at once,
+                 tokens drawn by torch.multinomial
+  dynamic@256    the same cache, 256 at once
+  static@64      a static KV cache (preallocated, written in place), 64 at once
+  static@256     the static cache, 256 at once (generation.SAMPLE_BATCH_SIZE, CACHE_IMPLEMENTATION)
+  static@256+cdf today's default: that, with each token drawn by inverse CDF (generation.DEFAULT_SAMPLER)
 
 Reported: poems/s, generated tokens/s, and the achieved GFLOP/s of the forward passes (2 FLOPs per weight per
 generated token, the LM head included, attention left out: a lower bound) beside the fp32 matmul bound measured
@@ -32,8 +34,10 @@ from poemdpo.data.dataset import load_held_out_poems  # noqa: E402
 from poemdpo.models.generation import generate_samples  # noqa: E402
 from poemdpo.models.loading import load_for_inference  # noqa: E402
 
-VARIANTS = {"dynamic@64": (None, 64), "dynamic@256": (None, 256), "static@64": ("static", 64),
-            "static@256": ("static", 256)}
+# name -> (cache_implementation, poems at once, sampler)
+VARIANTS = {"dynamic@64": (None, 64, "multinomial"), "dynamic@256": (None, 256, "multinomial"),
+            "static@64": ("static", 64, "multinomial"), "static@256": ("static", 256, "multinomial"),
+            "static@256+cdf": ("static", 256, "inverse_cdf")}
 
 
 def matmul_gflops(n: int = 2048, repeats: int = 10) -> float:
@@ -68,11 +72,11 @@ def main() -> None:
     print("| variant | seconds | poems/s | tokens/s | GFLOP/s (share of bound) | unfinished |")
     print("|---|---|---|---|---|---|")
     for name in args.variants.split(","):
-        cache, batch = VARIANTS[name]
-        generate_samples(model, tokenizer, prompts[:batch], batch_size=batch, cache_implementation=cache,
-                         max_new_tokens=16)  # warm-up: allocations, first-call set-up
+        cache, batch, sampler = VARIANTS[name]
+        settings = {"batch_size": batch, "cache_implementation": cache, "sampler": sampler}
+        generate_samples(model, tokenizer, prompts[:batch], max_new_tokens=16, **settings)  # warm-up: allocations
         start = time.perf_counter()
-        samples = generate_samples(model, tokenizer, prompts, batch_size=batch, cache_implementation=cache, seed=0)
+        samples = generate_samples(model, tokenizer, prompts, seed=0, **settings)
         seconds = time.perf_counter() - start
         tokens = sum(len(tokenizer(s.text, add_special_tokens=False)["input_ids"]) + s.finished for s in samples)
         gflops = 2 * weights * tokens / seconds / 1e9

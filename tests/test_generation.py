@@ -13,7 +13,14 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from conftest import make_corpus_poems
 from poemdpo.data.prompts import build_prompt
-from poemdpo.models.generation import decode_poem, generate_poems, prompt_texts
+from poemdpo.models import generation
+from poemdpo.models.generation import (
+    decode_poem,
+    generate_poems,
+    inverse_cdf_sample,
+    prompt_texts,
+    token_sampler,
+)
 from poemdpo.models.tokenizer import train_char_tokenizer
 
 TITLES = ["無題1", "秋夜長思故鄉", "月", "送君", "山中"]
@@ -85,6 +92,73 @@ def test_the_static_cache_samples_the_same_poems_as_the_dynamic_one(tok):
                            for cache in ("static", None))
         assert all(len(poem) >= 5 for poem in static)  # real text, not an early eos
         assert static == dynamic
+
+
+def test_inverse_cdf_draws_each_token_with_its_probability_and_never_a_zero_one():
+    """Unnormalised weights with zeros, across block edges and in the short last block (vocabulary 13, blocks of
+    4): every token's share of 200,000 draws is its probability, within 5 standard errors."""
+    weights = torch.tensor([0.0, 2.0, 0.0, 0.0, 1.0, 3.0, 0.5, 0.0, 0.0, 0.0, 1.5, 2.0, 0.0])
+    n = 200_000
+    torch.manual_seed(0)
+    drawn = inverse_cdf_sample(weights.expand(n, -1), block=4)
+    assert drawn.shape == (n, 1) and drawn.dtype == torch.long
+    share = torch.bincount(drawn.squeeze(1), minlength=len(weights)).double() / n
+    p = weights.double() / weights.sum()
+    assert torch.all(share[p == 0] == 0)
+    assert torch.all((share - p).abs() <= 5 * (p * (1 - p) / n).sqrt())
+    # One certain token, at the very end of the row, and a row of zeros is an error (as torch.multinomial's).
+    last = torch.zeros(3, 13)
+    last[:, -1] = 1.0
+    assert inverse_cdf_sample(last, block=4).squeeze(1).tolist() == [12, 12, 12]
+    with pytest.raises(RuntimeError, match="sums to 0"):
+        inverse_cdf_sample(torch.zeros(2, 13))
+
+
+def test_token_sampler_takes_only_the_one_draw_per_row_calls_and_always_restores_torch():
+    probs = torch.softmax(torch.randn(6, 50), dim=-1)
+    original = torch.multinomial
+    with token_sampler("inverse_cdf"):
+        assert torch.multinomial is not original
+        torch.manual_seed(1)
+        patched = torch.multinomial(probs, num_samples=1)
+        torch.manual_seed(1)
+        assert torch.equal(patched, inverse_cdf_sample(probs))
+        assert torch.multinomial(probs, num_samples=3).shape == (6, 3)  # several draws: torch's own
+    assert torch.multinomial is original
+    with pytest.raises(KeyError), token_sampler("inverse_cdf"):
+        raise KeyError("an error inside generate")
+    assert torch.multinomial is original
+    with token_sampler("multinomial"):
+        assert torch.multinomial is original
+    with pytest.raises(ValueError, match="sampler must be one of"), token_sampler("gumbel"):
+        pass
+
+
+def test_generate_draws_from_the_models_probabilities_with_either_sampler(tok):
+    """The sampler changes how `generate` draws, not from what: over 3,000 draws of one prompt's first token, each
+    token's share is the model's probability for it, within 5 standard errors, for either sampler."""
+    model = tiny_lm(tok, tie=False)
+    ids = tok(build_prompt(TITLES[1]), return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        p = torch.softmax(model(ids).logits[0, -1].double(), dim=-1)
+    n = 3000
+    for sampler in ("inverse_cdf", "multinomial"):
+        torch.manual_seed(0)
+        with token_sampler(sampler):
+            drawn = model.generate(ids.expand(n, -1), do_sample=True, max_new_tokens=1, top_k=0, top_p=1.0,
+                                   pad_token_id=tok.pad_token_id)[:, -1]
+        share = torch.bincount(drawn, minlength=len(p)).double() / n
+        assert torch.all((share - p).abs() <= 5 * (p * (1 - p) / n).sqrt() + 1e-9), sampler
+
+
+def test_generate_poems_draws_with_the_sampler_it_is_given(tok, model, monkeypatch):
+    calls = []
+    spy = generation.inverse_cdf_sample
+    monkeypatch.setattr(generation, "inverse_cdf_sample", lambda probs: calls.append(len(probs)) or spy(probs))
+    generate_poems(model, tok, TITLES, max_new_tokens=4, batch_size=5, sampler="multinomial")
+    assert calls == []
+    generate_poems(model, tok, TITLES, max_new_tokens=4, batch_size=5)  # the default
+    assert calls and set(calls) == {5}
 
 
 def test_restores_train_mode_and_padding_side(tok, model):

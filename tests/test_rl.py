@@ -13,6 +13,7 @@ from test_reward import make_pairs_dir, tiny_base_dir
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 import train_rl
+from poemdpo.models import generation
 from poemdpo.training.reward import score
 from poemdpo.training.rl import (
     RewardModelReward,
@@ -97,9 +98,15 @@ def run(out: Path, base_dir: str, pairs_dir: Path, method: str, *extra: str):
 
 
 @pytest.mark.parametrize("method", ["grpo", "rloo"])
-def test_rl_with_the_rule_keeps_a_kl_penalty_and_saves_a_loadable_policy(tmp_path, base_dir, pairs_dir, method):
+def test_rl_with_the_rule_keeps_a_kl_penalty_and_saves_a_loadable_policy(tmp_path, base_dir, pairs_dir, method,
+                                                                          monkeypatch):
+    draws = []  # rows of every next-token draw by the inverse-CDF sampler
+    spy = generation.inverse_cdf_sample
+    monkeypatch.setattr(generation, "inverse_cdf_sample", lambda probs: draws.append(len(probs)) or spy(probs))
     out = tmp_path / method
     trainer = run(out, base_dir, pairs_dir, method)
+    # The training poems (8 per step) were drawn by the default sampler, not only the sample table's 3.
+    assert 8 in draws
     assert type(trainer).__name__ == {"grpo": "PoemGRPOTrainer", "rloo": "PoemRLOOTrainer"}[method]
     logs = [e for e in trainer.state.log_history if "loss" in e]
     assert len(logs) == 3
@@ -123,6 +130,7 @@ def test_rl_with_the_rule_keeps_a_kl_penalty_and_saves_a_loadable_policy(tmp_pat
     assert AutoTokenizer.from_pretrained(out).eos_token_id is not None
     info = json.loads((out / "poemdpo.json").read_text(encoding="utf-8"))
     assert info["stage"] == method and info["beta"] > 0 and info["reward"] == "rule:five_char"
+    assert info["sampler"] == "inverse_cdf"
     assert info["max_completion_length"] == 48 and info["completions"] == 24
     card = (out / "README.md").read_text(encoding="utf-8")
     assert f"base_model: {base_dir}" in card and f"tags: [trl, {method}" in card and "rule_reward" in card

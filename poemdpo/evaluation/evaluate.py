@@ -48,7 +48,9 @@ from poemdpo.evaluation.metrics import (
 from poemdpo.evaluation.plots import plot_form_distribution, plot_training_rewards
 from poemdpo.evaluation.tables import markdown_table
 from poemdpo.models.generation import (
+    DEFAULT_SAMPLER,
     SAMPLE_BATCH_SIZE,
+    SAMPLERS,
     default_max_new_tokens,
     generate_samples,
     overridden_settings,
@@ -103,6 +105,11 @@ class EvalArguments:
         default=None,
         metadata={"help": "Longest poem, in tokens. Default: each model's generation_config.max_new_tokens, cut "
                   "where prompt plus poem would pass its context. A poem that reaches it is unfinished."},
+    )
+    sampler: str = field(
+        default=DEFAULT_SAMPLER,
+        metadata={"help": "How each token is drawn: inverse_cdf (fast here) or multinomial (torch.multinomial, as "
+                  "transformers draws). The same distribution; different poems for a seed.", "choices": list(SAMPLERS)},
     )
     batch_size: int = field(default=64, metadata={"help": "Batch size for scoring (loss per character, rewards)."})
     sample_batch_size: int = field(
@@ -381,7 +388,8 @@ def markdown_report(report: dict) -> str:
         "",
         f"- aligned model: `{report['model']}`; reference: `{report['reference']}`",
         f"- titles: {report['titles_source']}; {settings['poems_per_title']} poems per title and seed, seeds "
-        f"{report['seeds']}, temperature {settings['temperature']}, plain sampling (no top-k/top-p/penalties"
+        f"{report['seeds']}, temperature {settings['temperature']}, plain sampling (no top-k/top-p/penalties; "
+        f"tokens drawn by {settings.get('sampler', 'multinomial')}"
         + (f"; overrode the models' own {report['overridden_settings']}" if report["overridden_settings"] else "")
         + ")",
         f"- a poem counts only if it finished (eos), has an even number ≥ 2 of lines and meets `{rule}`",
@@ -449,7 +457,7 @@ def sample_records(model, tokenizer, titles: list[str], forms: dict[str, str], a
     for seed in seeds:
         samples = generate_samples(
             model, tokenizer, prompts, temperature=args.temperature, max_new_tokens=max_new_tokens,
-            batch_size=args.sample_batch_size, seed=seed, progress=True,
+            batch_size=args.sample_batch_size, seed=seed, progress=True, sampler=args.sampler,
         )
         for i, (title, sample) in enumerate(zip(prompts, samples, strict=True)):
             records.append({
@@ -520,7 +528,7 @@ def run(args: EvalArguments) -> dict:
         max_new_tokens = default_max_new_tokens(model, args.max_new_tokens)
         records[name] = sample_records(model, tokenizer, titles, forms, args, rule, seeds, max_new_tokens)
         chapter[name] = generate_samples(model, tokenizer, list(CHAPTER_TITLES), temperature=args.temperature,
-                                         max_new_tokens=max_new_tokens, seed=seeds[0])
+                                         max_new_tokens=max_new_tokens, seed=seeds[0], sampler=args.sampler)
         models[name] = (
             sample_metrics(records[name], rule, by_form=not args.titles)
             | {"prosody": prosody_metrics(records[name])}

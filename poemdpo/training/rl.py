@@ -29,7 +29,7 @@ from poemdpo.data.rules import RULES, preferred
 from poemdpo.data.splits import SplitSpec, check_same_splits
 from poemdpo.errors import PoemDPOError
 from poemdpo.models import loading
-from poemdpo.models.generation import decode_poem, default_max_new_tokens
+from poemdpo.models.generation import DEFAULT_SAMPLER, SAMPLERS, decode_poem, default_max_new_tokens, token_sampler
 from poemdpo.run_info import read_run_info, recorded_splits
 from poemdpo.training.dpo import DEFAULT_DATASET, method_named
 from poemdpo.training.model_card import card_results, prompt_section
@@ -100,6 +100,12 @@ class RLScriptArguments:
                   "choices": ["auto", "instruction", "chat"]},
     )
     reward_batch_size: int = field(default=64, metadata={"help": "Poems per forward pass of the reward model."})
+    sampler: str = field(
+        default=DEFAULT_SAMPLER,
+        metadata={"help": "How generate draws each token of the training poems: inverse_cdf (fast on a CPU) or "
+                  "multinomial (torch.multinomial, transformers' own). The same distribution.",
+                  "choices": list(SAMPLERS)},
+    )
 
 
 def method_of(argv: Sequence[str], recipe: dict) -> str:
@@ -314,16 +320,18 @@ class _PoemRL:
     sample poems' rates, as `PoemDPOTrainer` does), every training log carries β, and the time spent writing
     poems is counted, so the run reports its generation throughput."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, token_sampler: str = DEFAULT_SAMPLER, **kwargs):
         super().__init__(*args, **kwargs)
         self.pending_metrics: dict[str, float] = {}
         self.generation_seconds, self.completions_generated = 0.0, 0
         self._window = (0.0, 0)
+        self.token_sampler = token_sampler  # how generate draws each token: generation.SAMPLERS
 
     def _generate(self, prompts: list):
         start = time.perf_counter()
         try:
-            return super()._generate(prompts)
+            with token_sampler(self.token_sampler):
+                return super()._generate(prompts)
         finally:
             self.generation_seconds += time.perf_counter() - start
             self.completions_generated += len(prompts)  # the sampler repeats each prompt num_generations times
