@@ -15,9 +15,11 @@ from conftest import make_corpus_poems
 from poemdpo.data.prompts import build_prompt
 from poemdpo.models import generation
 from poemdpo.models.generation import (
+    PLAIN_SAMPLING,
     decode_poem,
     generate_poems,
     inverse_cdf_sample,
+    plain_sampling,
     prompt_texts,
     token_sampler,
 )
@@ -159,6 +161,20 @@ def test_generate_poems_draws_with_the_sampler_it_is_given(tok, model, monkeypat
     assert calls == []
     generate_poems(model, tok, TITLES, max_new_tokens=4, batch_size=5)  # the default
     assert calls and set(calls) == {5}
+
+
+def test_plain_sampling_pins_only_what_the_model_sets_otherwise_and_the_poems_stay_the_same(tok, monkeypatch):
+    model = tiny_lm(tok, tie=False)
+    assert plain_sampling(model, 0.7) == {"temperature": 0.7, "top_k": 0, "top_p": 1.0}
+    leaner = generate_poems(model, tok, TITLES * 2, max_new_tokens=24, seed=5)
+    # Every setting passed at its neutral value, as before: the same poems, only slower.
+    monkeypatch.setattr(generation, "plain_sampling", lambda m, t, k, p: {**PLAIN_SAMPLING, "temperature": t,
+                                                                         "top_k": k, "top_p": p})
+    assert generate_poems(model, tok, TITLES * 2, max_new_tokens=24, seed=5) == leaner
+    # A Hub chat model's own settings are still overridden.
+    model.generation_config.update(repetition_penalty=1.1, min_p=0.05, top_k=20)
+    assert plain_sampling(model) == {"repetition_penalty": 1.0, "min_p": 0.0, "temperature": 1.0, "top_k": 0,
+                                     "top_p": 1.0}
 
 
 def test_restores_train_mode_and_padding_side(tok, model):

@@ -120,6 +120,16 @@ def overridden_settings(model) -> dict:
     return found
 
 
+def plain_sampling(model, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> dict:
+    """`generate` kwargs for plain sampling: temperature, top_k and top_p, plus each PLAIN_SAMPLING setting that the
+    model's own generation_config sets otherwise. Only those: a setting passed at its neutral value still builds its
+    logits processor (min_p=0.0 a MinPLogitsWarper, min_new_tokens=0 a MinLengthLogitsProcessor), which then works
+    through the whole vocabulary at every token to change nothing."""
+    config = getattr(model, "generation_config", None)
+    pinned = {key: plain for key, plain in PLAIN_SAMPLING.items() if getattr(config, key, None) not in (None, plain)}
+    return {**pinned, "temperature": temperature, "top_k": top_k, "top_p": top_p}
+
+
 def decode_poem(tokenizer, ids: Sequence[int]) -> str:
     """`ids` as text without special tokens, each unknown token written as UNKNOWN_CHARACTER."""
     unk = tokenizer.unk_token_id
@@ -214,7 +224,7 @@ def generate_samples(
     eos_ids = _eos_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
-    sampling = {**PLAIN_SAMPLING, "temperature": temperature, "top_k": top_k, "top_p": top_p} if do_sample else {}
+    sampling = plain_sampling(model, temperature, top_k, top_p) if do_sample else {}
 
     cache_setting = {"cache_implementation": cache_implementation} if cache_implementation else {}
 
