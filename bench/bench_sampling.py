@@ -11,7 +11,9 @@ Every variant samples the same prompts (validation titles of --dataset, each --p
   dynamic@256    the same cache, 256 at once
   static@64      a static KV cache (preallocated, written in place), 64 at once
   static@256     the static cache, 256 at once (generation.SAMPLE_BATCH_SIZE, CACHE_IMPLEMENTATION)
-  static@256+cdf today's default: that, with each token drawn by inverse CDF (generation.DEFAULT_SAMPLER)
+  all-pinned     static@256 as it ran before generation.plain_sampling: every PLAIN_SAMPLING setting passed to
+                 generate, so min_p=0.0 and min_new_tokens=0 built logits processors that change nothing
+  static@256+cdf today's default: static@256, each token drawn by inverse CDF (generation.DEFAULT_SAMPLER)
 
 Reported: poems/s, generated tokens/s, and the achieved GFLOP/s of the forward passes (2 FLOPs per weight per
 generated token, the LM head included, attention left out: a lower bound) beside the fp32 matmul bound measured
@@ -31,13 +33,19 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from poemdpo.data.dataset import load_held_out_poems  # noqa: E402
+from poemdpo.models import generation  # noqa: E402
 from poemdpo.models.generation import generate_samples  # noqa: E402
 from poemdpo.models.loading import load_for_inference  # noqa: E402
 
 # name -> (cache_implementation, poems at once, sampler)
 VARIANTS = {"dynamic@64": (None, 64, "multinomial"), "dynamic@256": (None, 256, "multinomial"),
             "static@64": ("static", 64, "multinomial"), "static@256": ("static", 256, "multinomial"),
-            "static@256+cdf": ("static", 256, "inverse_cdf")}
+            "all-pinned": ("static", 256, "multinomial"), "static@256+cdf": ("static", 256, "inverse_cdf")}
+
+
+def all_pinned(model, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> dict:
+    """generation.plain_sampling as it was: every PLAIN_SAMPLING setting passed, neutral or not."""
+    return {**generation.PLAIN_SAMPLING, "temperature": temperature, "top_k": top_k, "top_p": top_p}
 
 
 def matmul_gflops(n: int = 2048, repeats: int = 10) -> float:
@@ -69,11 +77,13 @@ def main() -> None:
     bound = matmul_gflops()
     print(f"model {args.model}: {weights / 1e6:.2f}M multiplying weights; {len(prompts)} prompts; "
           f"{args.threads} threads; fp32 matmul bound {bound:.0f} GFLOP/s")
+    lean = generation.plain_sampling
     print("| variant | seconds | poems/s | tokens/s | GFLOP/s (share of bound) | unfinished |")
     print("|---|---|---|---|---|---|")
     for name in args.variants.split(","):
         cache, batch, sampler = VARIANTS[name]
         settings = {"batch_size": batch, "cache_implementation": cache, "sampler": sampler}
+        generation.plain_sampling = all_pinned if name == "all-pinned" else lean
         generate_samples(model, tokenizer, prompts[:batch], max_new_tokens=16, **settings)  # warm-up: allocations
         start = time.perf_counter()
         samples = generate_samples(model, tokenizer, prompts, seed=0, **settings)
