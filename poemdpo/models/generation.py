@@ -35,9 +35,9 @@ PLAIN_SAMPLING = {
 
 # How a token is drawn from the next-token distribution. "inverse_cdf" (the default): one uniform number per poem,
 # looked up in the running sum of the probabilities. "multinomial": torch.multinomial, what transformers calls. Both
-# draw from the same distribution, but not the same tokens for a seed. On this 2-core CPU torch.multinomial
-# draws one exponential variate per vocabulary entry: 27 ms for 256 poems x 4,157 tokens, against 0.8 ms for
-# the lookup, and 25-40% of a whole decoding step (bench/bench_sampling.py; docs/throughput.md).
+# draw from the same distribution, but not the same tokens for a seed. On a CPU torch.multinomial draws one
+# exponential variate per vocabulary entry: 27 ms for 256 poems x 4,157 tokens here, more than the decoding step's
+# matmuls. With the lookup the evaluation's sampling ran 1.70x the poems/s (bench/bench_sampling.py).
 SAMPLERS = ("inverse_cdf", "multinomial")
 DEFAULT_SAMPLER = "inverse_cdf"
 _TORCH_MULTINOMIAL = torch.multinomial
