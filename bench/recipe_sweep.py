@@ -127,6 +127,12 @@ def _num(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.3f}"
 
 
+def reward_accuracy(report: dict) -> str:
+    """DPO's implicit-reward accuracy on held-out pairs; a method whose β scales no log-ratio to a reference
+    (SimPO, ORPO: evaluate.py reports no rewards for them) gets a dash."""
+    return _pct(report["rewards"]["reward_accuracy"]) if report.get("rewards") else "—"
+
+
 def _row(cells: list[object]) -> None:
     print("| " + " | ".join(cell(str(c)) for c in cells) + " |", flush=True)
 
@@ -195,7 +201,7 @@ def main() -> None:
             _row([name, " ".join(SWEEP[name]) or "(the recipe file)", _rate(m["rule_rate"]),
                   _pct(m["unfinished"]["rate"]), _pct(m["well_formed_rate"]), _pct(m["degenerate_rate"]),
                   _num(m["distinct_2"]), _num(m["loss_per_char_preferred"]),
-                  _pct(report["rewards"]["reward_accuracy"]), f"{result['seconds']:.0f}", *_paired(result["test"])])
+                  reward_accuracy(report), f"{result['seconds']:.0f}", *_paired(result["test"])])
 
     if len(bases) > 1:
         print(f"\n## Pooled over {len(bases)} base models\n", flush=True)
