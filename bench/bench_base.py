@@ -46,6 +46,7 @@ from poemdpo.evaluation.metrics import loss_per_character, well_formed_rate  # n
 from poemdpo.models.base_model import (  # noqa: E402
     BaseModelArguments,
     build_model,
+    fall_back_to_fp32,
     load_training_texts,
     make_trainer,
     splits_of,  # noqa: E402
@@ -154,6 +155,7 @@ def _sft_trainer(args: BaseModelArguments, training_args: TrainingArguments, tex
 
 
 def speed(args: BaseModelArguments, training_args: TrainingArguments, bench: BenchArguments) -> None:
+    fall_back_to_fp32(training_args)  # time what train_base.py would train with on this CPU
     texts = load_training_texts(args)
     n = bench.warmup + bench.steps
     name = "SFTTrainer" if bench.sft_trainer else "Trainer"

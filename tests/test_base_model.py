@@ -8,16 +8,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, pipeline
+from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments, pipeline
 
 import train_base
 from poemdpo.data.forms import is_well_formed
 from poemdpo.data.prompts import build_prompt
 from poemdpo.data.splits import SplitSpec, split_of
+from poemdpo.models import base_model
 from poemdpo.models.base_model import (
     BaseModelArguments,
     PackedPoemsCollator,
     build_model,
+    fall_back_to_fp32,
     load_training_texts,
     packed_dataset,
 )
@@ -209,3 +211,13 @@ def test_help_explains_every_model_option(capsys):
     for name, spec in BaseModelArguments.__dataclass_fields__.items():
         assert f"--{name}" in help_text
         assert spec.metadata.get("help"), name
+
+
+@pytest.mark.parametrize("fast_bf16", [True, False])
+def test_the_recipes_bf16_falls_back_to_fp32_on_a_cpu_without_bf16_units(tmp_path, monkeypatch, fast_bf16):
+    """Emulated bf16 steps were ~9x slower than fp32: train_base.py (and bench_base.py) train in fp32 there."""
+    monkeypatch.setattr(base_model, "cpu_has_fast_bf16", lambda: fast_bf16)
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, bf16=True, report_to=[])
+    fall_back_to_fp32(args)
+    assert args.bf16 is fast_bf16
+    assert (args.mixed_precision == "no") is not fast_bf16

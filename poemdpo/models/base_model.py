@@ -279,12 +279,17 @@ def cpu_has_fast_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def train_base(args: BaseModelArguments, training_args: TrainingArguments) -> Trainer:
-    """Train, then save model, tokenizer and generation config to `training_args.output_dir`."""
+def fall_back_to_fp32(training_args: TrainingArguments) -> None:
+    """bf16 autocast off (with a warning) when the recipe asks for it on a CPU that only emulates bf16."""
     if training_args.bf16 and training_args.use_cpu and not cpu_has_fast_bf16():
         logger.warning("bf16: this CPU has no bf16 matmul (AVX512-BF16/AMX); training in fp32 instead")
         training_args.bf16 = False
         training_args.mixed_precision = "no"  # what accelerate reads; set from bf16 when the arguments were parsed
+
+
+def train_base(args: BaseModelArguments, training_args: TrainingArguments) -> Trainer:
+    """Train, then save model, tokenizer and generation config to `training_args.output_dir`."""
+    fall_back_to_fp32(training_args)
     if args.torch_threads is not None:
         torch.set_num_threads(args.torch_threads)
     checkpoint = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
