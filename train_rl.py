@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None):
     # 5. Train.
     trainer = TRAINERS[method](
         model=model, reward_funcs=[reward], args=args, train_dataset=prompts, processing_class=tokenizer,
-        peft_config=get_peft_config(model_args), token_sampler=script_args.sampler,
+        peft_config=get_peft_config(model_args), sampler=script_args.sampler,
     )
     if isinstance(reward, RewardModelReward):
         reward.to(trainer.accelerator.device)

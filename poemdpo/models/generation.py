@@ -60,7 +60,7 @@ def inverse_cdf_sample(probs: torch.Tensor, block: int = 64) -> torch.Tensor:
     total = block_cdf[:, -1]
     if not bool(((total > 0) & total.isfinite()).all()):
         raise RuntimeError("inverse_cdf_sample: a row of probabilities sums to 0, inf or nan")
-    u = torch.rand(rows, 1, dtype=torch.float64, device=probs.device) * block_cdf[:, -1:]
+    u = torch.rand(rows, 1, dtype=torch.float64, device=probs.device) * total.unsqueeze(-1)
     # The first block (then token) whose running sum passes u: a token of probability 0 adds nothing to the sum,
     # so it is never the first to pass.
     chosen = torch.searchsorted(block_cdf, u, right=True).clamp_(max=blocks - 1)
@@ -125,8 +125,7 @@ def plain_sampling(model, temperature: float = 1.0, top_k: int = 0, top_p: float
     model's own generation_config sets otherwise. Only those: a setting passed at its neutral value still builds its
     logits processor (min_p=0.0 a MinPLogitsWarper, min_new_tokens=0 a MinLengthLogitsProcessor), which then works
     through the whole vocabulary at every token to change nothing."""
-    config = getattr(model, "generation_config", None)
-    pinned = {key: plain for key, plain in PLAIN_SAMPLING.items() if getattr(config, key, None) not in (None, plain)}
+    pinned = {key: PLAIN_SAMPLING[key] for key in overridden_settings(model)}
     return {**pinned, "temperature": temperature, "top_k": top_k, "top_p": top_p}
 
 

@@ -320,17 +320,17 @@ class _PoemRL:
     sample poems' rates, as `PoemDPOTrainer` does), every training log carries β, and the time spent writing
     poems is counted, so the run reports its generation throughput."""
 
-    def __init__(self, *args, token_sampler: str = DEFAULT_SAMPLER, **kwargs):
+    def __init__(self, *args, sampler: str = DEFAULT_SAMPLER, **kwargs):
         super().__init__(*args, **kwargs)
         self.pending_metrics: dict[str, float] = {}
         self.generation_seconds, self.completions_generated = 0.0, 0
         self._window = (0.0, 0)
-        self.token_sampler = token_sampler  # how generate draws each token: generation.SAMPLERS
+        self.sampler = sampler  # how generate draws each token: generation.SAMPLERS
 
     def _generate(self, prompts: list):
         start = time.perf_counter()
         try:
-            with token_sampler(self.token_sampler):
+            with token_sampler(self.sampler):
                 return super()._generate(prompts)
         finally:
             self.generation_seconds += time.perf_counter() - start
