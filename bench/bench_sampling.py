@@ -64,6 +64,8 @@ def main() -> None:
     parser.add_argument("--num_prompts", type=int, default=512, help="poems per variant")
     parser.add_argument("--poems_per_title", type=int, default=4, help="poems per title, as in evaluate.py")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument("--profile", action="store_true",
+                        help="instead of timing: torch.profiler's table for one batch of the first variant")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, from: " + ", ".join(VARIANTS))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -78,6 +80,16 @@ def main() -> None:
     print(f"model {args.model}: {weights / 1e6:.2f}M multiplying weights; {len(prompts)} prompts; "
           f"{args.threads} threads; fp32 matmul bound {bound:.0f} GFLOP/s")
     lean = generation.plain_sampling
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        cache, batch, sampler = VARIANTS[args.variants.split(",")[0]]
+        settings = {"batch_size": batch, "cache_implementation": cache, "sampler": sampler}
+        generate_samples(model, tokenizer, prompts[:batch], max_new_tokens=16, **settings)  # warm-up
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            generate_samples(model, tokenizer, prompts[:batch], max_new_tokens=60, seed=0, **settings)
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+        return
     print("| variant | seconds | poems/s | tokens/s | GFLOP/s (share of bound) | unfinished |")
     print("|---|---|---|---|---|---|")
     for name in args.variants.split(","):

@@ -36,8 +36,8 @@ PLAIN_SAMPLING = {
 # How a token is drawn from the next-token distribution. "inverse_cdf" (the default): one uniform number per poem,
 # looked up in the running sum of the probabilities. "multinomial": torch.multinomial, what transformers calls. Both
 # draw from the same distribution, but not the same tokens for a seed. On a CPU torch.multinomial draws one
-# exponential variate per vocabulary entry: 27 ms for 256 poems x 4,157 tokens here, more than the decoding step's
-# matmuls. With the lookup the evaluation's sampling ran 1.70x the poems/s (bench/bench_sampling.py).
+# exponential variate per vocabulary entry: 45 ms a draw for 256 poems x 4,157 tokens here, more than the decoding
+# step's matmuls. With the lookup the evaluation's sampling ran 1.70x the poems/s (bench/bench_sampling.py).
 SAMPLERS = ("inverse_cdf", "multinomial")
 DEFAULT_SAMPLER = "inverse_cdf"
 _TORCH_MULTINOMIAL = torch.multinomial
@@ -49,9 +49,9 @@ def inverse_cdf_sample(probs: torch.Tensor, block: int = 64) -> torch.Tensor:
 
     The running sums are float64, so each token's share of the line is its probability to ~1e-16 (a float32 sum
     over 4,157 tokens could misplace ~3e-8 of probability per token). A float64 cumsum of the whole row was
-    slow here (14 ms for 256 x 4,157), so it is two lookups: first the block of `block` tokens, then the token
-    within it. A draw that lands on a token of probability 0 (only by rounding at a block's end) is redrawn by
-    torch.multinomial."""
+    slow here (14 ms for 256 x 4,157, timed by hand), so it is two lookups: first the block of `block` tokens,
+    then the token within it. A draw that lands on a token of probability 0 (only by rounding at a block's end)
+    is redrawn by torch.multinomial."""
     rows, vocabulary = probs.shape
     blocks = -(-vocabulary // block)
     weights = torch.nn.functional.pad(probs, (0, blocks * block - vocabulary)).double().view(rows, blocks, block)

@@ -1,0 +1,75 @@
+"""Where a base-training step's time goes: the plain loop on the recipe's batches, eager or compiled, timed or
+profiled. Prints figures only (docs/throughput.md, issue 16).
+
+    flock /tmp/poemdpo-heavy.lock python bench/profile_base.py --mode eager     # steps/s, tokens/s
+    flock /tmp/poemdpo-heavy.lock python bench/profile_base.py --mode compile   # the same under torch.compile
+    flock /tmp/poemdpo-heavy.lock python bench/profile_base.py --mode profile   # torch.profiler table of 5 steps
+
+fp32, 2 threads, the first --poems training poems, batches of --batch_size bfd blocks as train_base.py packs them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+from transformers import TrainingArguments  # noqa: E402
+
+from poemdpo.models.base_model import BaseModelArguments, load_training_texts, make_trainer  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mode", choices=["eager", "compile", "profile"], default="eager")
+    parser.add_argument("--poems", type=int, default=4000, help="training poems to pack batches from")
+    parser.add_argument("--batch_size", type=int, default=8, help="blocks per step (the recipe's)")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (compiling, allocations)")
+    parser.add_argument("--steps", type=int, default=30, help="timed steps (profile: 5)")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+
+    model_args = BaseModelArguments(max_poems=args.poems)
+    training_args = TrainingArguments(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.batch_size,
+                                      use_cpu=True, bf16=False, report_to=[], seed=42)
+    trainer = make_trainer(model_args, training_args, load_training_texts(model_args))
+    steps = 5 if args.mode == "profile" else args.steps
+    batches = [b for _, b in zip(range(args.warmup + steps), trainer.get_train_dataloader(), strict=False)]
+    model = torch.compile(trainer.model) if args.mode == "compile" else trainer.model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+    def step(batch: dict) -> None:
+        model(**batch).loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    start = time.perf_counter()
+    for batch in batches[: args.warmup]:
+        step(batch)
+    print(f"batch {tuple(batches[0]['input_ids'].shape)}; warm-up {args.warmup} steps: "
+          f"{time.perf_counter() - start:.1f} s", flush=True)
+    timed = batches[args.warmup :]
+    if args.mode == "profile":
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for batch in timed:
+                step(batch)
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
+        return
+    start = time.perf_counter()
+    for batch in timed:
+        step(batch)
+    seconds = time.perf_counter() - start
+    tokens = sum(int((b["labels"] != -100).sum()) for b in timed)
+    print(f"{args.mode}: {len(timed) / seconds:.2f} steps/s, {tokens / seconds:,.0f} labelled tokens/s")
+
+
+if __name__ == "__main__":
+    main()
