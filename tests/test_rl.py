@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_prosody import CHUN_WANG, DENG_GUAN_QUE_LOU, MIXED, swap
 from test_reward import make_pairs_dir, tiny_base_dir
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -66,6 +67,21 @@ def test_rule_reward_grades_hand_made_poems():
     # Partial credit never reaches the full reward, and near misses rank above wrecks: a group is not all ties.
     assert max(rule_reward([THREE_OF_FOUR, ONE_OF_FOUR, SEVEN])) <= 0.5
     assert len(set(rule_reward([THREE_OF_FOUR, ONE_OF_FOUR, SEVEN]))) == 3
+
+
+def test_prosody_rules_give_credit_for_rhyme_half_kept():
+    off_group = swap(DENG_GUAN_QUE_LOU, "流", "山")  # 山 is 平 in 十五刪: one of two even lines in 十一尤
+    eight = CHUN_WANG  # rhymes in 十二侵 on its four even lines
+    three_of_four = swap(eight, "簪", "天")  # 天 is 平 in 一先: three of four even lines in one group
+    rewards = rule_reward([DENG_GUAN_QUE_LOU, off_group, eight, three_of_four, MIXED], rule="rhyme")
+    assert rewards[0] == rewards[2] == 1.0
+    # Half for the shape, half for the share of even lines in one group (1/2, 3/4), all times the miss's 0.5.
+    assert rewards[1] == pytest.approx(0.5 * (0.5 + 0.5 * 1 / 2))
+    assert rewards[3] == pytest.approx(0.5 * (0.5 + 0.5 * 3 / 4))
+    assert rewards[4] < rewards[1] < rewards[3] < 0.5
+    # gelv: the 格律 checks' share; a poem that rhymes but breaks one tone check still misses.
+    broken = swap(DENG_GUAN_QUE_LOU, "黃河", "綠河")  # 孤平: six of seven checks
+    assert rule_reward([DENG_GUAN_QUE_LOU, broken], rule="gelv") == [1.0, pytest.approx(0.5 * (0.5 + 0.5 * 6 / 7))]
 
 
 def test_rule_reward_reads_token_ids_finished_and_unknown(base_dir):

@@ -267,6 +267,19 @@ def _rhyme(lines: list[str]) -> tuple[bool, str | None]:
     return len({normalize(c) for c in rhymes}) == len(rhymes), group
 
 
+def rhyme_share(text: str) -> float:
+    """How far a poem is from 押韵: the largest share of its even lines that end on distinct 平 characters of one
+    group (1.0 for a rhyming poem's even lines; 0 when none ends on a known 平). A graded reward reads it: two
+    of four even lines in one group are nearer rhyme than none, though neither rhymes."""
+    ends = [line[-1] for line in verse_lines(text)[1::2]]
+    if not ends:
+        return 0.0
+    best = 0
+    for group in {g for c in ends for g in level_groups(c)}:
+        best = max(best, len({normalize(c) for c in ends if group in level_groups(c)}))
+    return best / len(ends)
+
+
 def check_line_alternation(marks: str) -> bool:
     """二四分明 for one line's marks (line_tones): positions 2 and 4 (and 4 and 6) differ."""
     keys = [marks[i] for i in _key_positions(len(marks))]
