@@ -135,5 +135,6 @@ def test_a_rhyme_near_miss_changes_one_rhyme_character_only(text):
         report = check(miss)
         assert report.failed() == ["rhyme"] and tone(miss[changed[0]]) == PING
         assert miss[changed[0] + 1] in "。，\n"
+        assert changed[0] > text.index("。")  # a later even line: line 2 sets the rhyme, it is never the swap
         assert rejected(miss, "rhyme") and rejected(miss, "gelv")
     assert check(rhyme_near_miss(text, random.Random(0))).failed() == ["rhyme"]  # the table's own candidates

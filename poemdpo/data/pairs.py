@@ -81,7 +81,9 @@ def rhyme_near_miss(text: str, rng: random.Random, candidates: Mapping[str, int]
     """`text` with the last character of one even line swapped for a 平 character of another rhyme group.
 
     The tone pattern stays the same, so only 押韵 (and 合律) fails. The new character is drawn from `candidates`
-    (weights: how often it ends a line; `rhyme_candidates`), never one of the poem's own characters.
+    (weights: how often it ends a line; `rhyme_candidates`), never one of the poem's own characters. The swapped
+    line is a later even line (4, 6, 8), never line 2: line 2 sets the group, and a pair that differs there
+    teaches that the new character is bad wherever it stands, not that it breaks a rhyme already set.
     """
     report = prosody_report(text)
     if not (report.applicable and report.rhyme):
@@ -94,7 +96,7 @@ def rhyme_near_miss(text: str, rng: random.Random, candidates: Mapping[str, int]
     choices = [c for c in pool if c not in text and not prosody.level_groups(c) & groups]
     if not choices:
         raise ValueError(f"no candidate character outside the rhyme groups of {text!r}")
-    at = rng.choice(ends[1::2])
+    at = rng.choice(ends[3::2])
     new = rng.choices(choices, weights=[pool[c] for c in choices])[0]
     return text[:at] + new + text[at + 1 :]
 
