@@ -23,6 +23,7 @@ from poemdpo.data.on_policy import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_SAMPLES,
     DEFAULT_TITLES,
+    harden_rhyme_near_misses,
     load_sampler,
     with_on_policy_train,
 )
@@ -60,7 +61,9 @@ class BuildArguments:
     near_miss_share: float = field(
         default=DEFAULT_NEAR_MISS_SHARE,
         metadata={"help": "Share of train pairs whose rejected poem is the chosen poem with one line a character "
-                  "shorter or longer (the slip an aligned model still makes); test pairs are never near misses."},
+                  "shorter or longer (the slip an aligned model still makes), or, for the prosody rules, with the "
+                  "rhyme character of a later even line swapped for a 平 character of another group; test pairs "
+                  "are never near misses."},
     )
     seed: int = field(default=42, metadata={"help": "Seed for the pairing (which poems meet)."})
     split_seed: int = field(
@@ -92,6 +95,12 @@ class BuildArguments:
                   "on-policy: pairs of the model's own poems, sampled at temperature 1.0 for training titles and "
                   "labelled by the rule. The test split stays the corpus pairs."},
     )
+    near_miss_model: str = field(
+        default=None,
+        metadata={"help": "Prosody rules (rhyme, gelv) with --near_miss_share > 0: a local causal LM directory whose "
+                  "own likeliest 平 character of another group replaces each train near miss's swapped rhyme "
+                  "character (a hard negative: it fits the line as well as the model's own choice would)."},
+    )
     on_policy_samples: int = field(
         default=DEFAULT_SAMPLES,
         metadata={"help": "Poems sampled per title (K). A title gives pairs only if its samples include both a "
@@ -119,6 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
         splits = SplitSpec(args.validation_size, args.test_size, args.split_seed)
         # Loaded first, so a wrong model path fails before the corpus is read.
         sampler = load_sampler(args.on_policy_model) if args.on_policy_model else None
+        hardener = load_sampler(args.near_miss_model) if args.near_miss_model else None
         poems, corpus_stats = read_corpus(args.corpus, skip_bad=args.skip_bad, to_simplified=args.to_simplified)
         dataset, stats = build_preference_dataset(
             poems,
@@ -129,6 +139,11 @@ def main(argv: list[str] | None = None) -> dict:
             corpus_stats,
             near_miss_share=args.near_miss_share,
         )
+        if hardener:
+            model, tokenizer = hardener
+            dataset, stats = harden_rhyme_near_misses(
+                dataset, stats, model, tokenizer, args.near_miss_model, rule=args.rule, progress=True
+            )
         if sampler:
             model, tokenizer = sampler
             dataset, stats = with_on_policy_train(

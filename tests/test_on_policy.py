@@ -17,16 +17,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from datasets import load_dataset
+from datasets import Dataset, DatasetDict, load_dataset
+from test_prosody import CHUN_WANG, DENG_GUAN_QUE_LOU, ZAO_FA_BAI_DI, swap
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import build_dataset
 from conftest import make_corpus_poems
-from poemdpo.data.corpus import read_corpus
+from poemdpo.data import prosody
+from poemdpo.data.corpus import Poem, read_corpus
 from poemdpo.data.dataset import STATS_FILE, build_preference_dataset
 from poemdpo.data.forms import classify, is_degenerate
-from poemdpo.data.on_policy import choose_titles, load_sampler, with_on_policy_train
-from poemdpo.data.pairs import DEFAULT_PAIRING
+from poemdpo.data.on_policy import choose_titles, harden_rhyme_near_misses, load_sampler, with_on_policy_train
+from poemdpo.data.pairs import DEFAULT_PAIRING, build_pairs
 from poemdpo.data.prompts import build_prompt
 from poemdpo.data.rules import preferred
 from poemdpo.data.splits import SplitSpec, split_of, split_poems
@@ -242,3 +244,42 @@ def test_bad_model_is_a_clear_error(tmp_path, corpus_dir, case, message):
     assert str(exit_info.value).startswith("build_dataset.py: error: ")
     assert message.format(path=path) in str(exit_info.value)
     assert not (tmp_path / "pairs").exists()
+
+
+# --- hard rhyme near misses ---------------------------------------------------------------------------------
+
+
+def test_hard_near_misses_take_the_models_likeliest_wrong_rhyme(tmp_path):
+    """Each hardened near miss changes only the frequency-drawn near miss's character, to the 平 character of
+    another group, not in the poem, that the model finds likeliest there: checked by a forward pass per poem."""
+    rhyming = [DENG_GUAN_QUE_LOU, CHUN_WANG, ZAO_FA_BAI_DI]
+    poems = [Poem(title=f"題{i}", author="", text=t, source="") for i, t in enumerate(rhyming * 3)]
+    poems += [Poem(title="不韻", author="", text=swap(DENG_GUAN_QUE_LOU, "流", "山"), source="")]
+    rows = build_pairs(poems, "rhyme", "random", seed=0, near_miss_share=1.0)
+    assert rows and all(r["rejected_source"] == "near_miss" for r in rows)
+    extra = "東風天山花雲人歸時春秋江樓城煙家心深金簪還間山"
+    tokenizer = train_char_tokenizer([p.text + p.title for p in poems] + [extra], min_frequency=1)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=16, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=4, max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id,
+    )).eval()  # fmt: skip
+    dataset = DatasetDict({"train": Dataset.from_list(rows)})
+    hard, stats = harden_rhyme_near_misses(dataset, {}, model, tokenizer, "tiny", rule="rhyme", batch_size=4)
+    summary = stats["hard_near_misses"]
+    assert summary["near_misses"] == len(rows) and summary["hardened"] == len(rows)
+    assert summary["mean_prob_hard"] >= summary["mean_prob_frequency_drawn"]
+    vocab = tokenizer.get_vocab()
+    for before, after in zip(rows, hard["train"], strict=True):
+        text = before["chosen"]
+        (at,) = [i for i, (a, b) in enumerate(zip(text, before["rejected"], strict=True)) if a != b]
+        assert [i for i, (a, b) in enumerate(zip(text, after["rejected"], strict=True)) if a != b] == [at]
+        new = after["rejected"][at]
+        groups = {g for line in prosody.verse_lines(text) for g in prosody.level_groups(line[-1])}
+        candidates = [c for c in vocab if len(c) == 1 and prosody.tone(c) == prosody.PING
+                      and not prosody.level_groups(c) & groups and c not in text]
+        ids = tokenizer(build_prompt(after["title"]) + text[:at], return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            logits = model(ids).logits[0, -1]
+        assert new == max(candidates, key=lambda c: logits[vocab[c]].item())
+        assert prosody.check(after["rejected"]).failed() == ["rhyme"]

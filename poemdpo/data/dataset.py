@@ -21,6 +21,7 @@ from datasets import Dataset, DatasetDict, load_dataset
 from poemdpo.data.corpus import CorpusStats, Poem
 from poemdpo.data.forms import classify
 from poemdpo.data.pairs import build_pairs
+from poemdpo.data.rules import RULES
 from poemdpo.data.splits import DEFAULT_SPLITS, SPLITS, SplitSpec, split_poems
 from poemdpo.errors import PoemDPOError
 
@@ -174,9 +175,16 @@ def dataset_card(stats: dict, files: dict[str, dict[str, str]]) -> str:
     )
     near_misses = (stats.get("near_miss_pairs") or {}).get("train")
     if near_misses:
+        change = (
+            "one rhyme character swapped for a 平 character of another group"
+            if RULES[stats["rule"]].near_miss == "rhyme" else "one line a character shorter or longer"
+        )
+        hard = stats.get("hard_near_misses")
+        if hard:
+            change += f" (in {hard['hardened']} of them, `{hard['model']}`'s own likeliest such character)"
         source += (
-            f"\n{near_misses} train pairs (`rejected_source` = `near_miss`) reject the chosen poem itself with one "
-            "line a character shorter or longer; the other rejected poems are corpus poems.\n"
+            f"\n{near_misses} train pairs (`rejected_source` = `near_miss`) reject the chosen poem itself with "
+            f"{change}; the other rejected poems are corpus poems.\n"
         )
     rows = "\n".join(f"| {name} | {pairs.get(name, 0)} |" for name in files["default"])
     return f"""---

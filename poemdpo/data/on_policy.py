@@ -1,4 +1,5 @@
-"""On-policy preference pairs: the train split built from a model's own samples instead of corpus poems.
+"""Preference pairs that need a model: the train split built from its own samples instead of corpus poems, and
+rhyme near misses made hard by its own likeliest wrong rhyme (`harden_rhyme_near_misses`).
 
 Corpus pairs ask DPO to rank two poems by other hands, which the policy may never write. Here, for each
 sampled training title, the model writes K poems at temperature 1.0; the rule labels them, and a title whose
@@ -15,15 +16,23 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
 from datasets import Dataset, DatasetDict
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from poemdpo.data import prosody
 from poemdpo.data.corpus import Poem
 from poemdpo.data.forms import classify, is_degenerate
 from poemdpo.data.pairs import DEFAULT_PAIRING, build_pairs
-from poemdpo.data.rules import preferred
+from poemdpo.data.rules import preferred, rejected
 from poemdpo.errors import PoemDPOError
-from poemdpo.models.generation import DEFAULT_MAX_NEW_TOKENS, default_max_new_tokens, generate_poems
+from poemdpo.models.generation import (
+    DEFAULT_MAX_NEW_TOKENS,
+    default_max_new_tokens,
+    generate_poems,
+    next_token_probs,
+    prompt_texts,
+)
 from poemdpo.models.loading import load_for_inference
 
 DEFAULT_SAMPLES = 4
@@ -175,3 +184,79 @@ def with_on_policy_train(
         "titles": {**stats["titles"], "train": summary["titles_with_pairs"]},
     }
     return dataset, stats
+
+
+def _level_token_groups(tokenizer: PreTrainedTokenizerBase) -> dict[int, tuple[str, frozenset[str]]]:
+    """Every token that is one 平 character (not a two-reading ○ one), with the character and its 平 groups."""
+    out = {}
+    for token_id in sorted(set(tokenizer.get_vocab().values())):
+        char = tokenizer.decode([token_id])
+        if len(char) == 1 and prosody.tone(char) == prosody.PING:
+            out[token_id] = (char, prosody.level_groups(char))
+    return out
+
+
+def harden_rhyme_near_misses(
+    dataset: DatasetDict,
+    stats: dict,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    model_path: str,
+    *,
+    rule: str,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    progress: bool = False,
+) -> tuple[DatasetDict, dict]:
+    """The train near misses of a prosody rule with their swapped rhyme character replaced by the model's own
+    likeliest 平 character of another group at that slot (never one already in the poem).
+
+    A character drawn by corpus frequency (`pairs.rhyme_near_miss`) often does not fit its line, so a model can
+    reject such a near miss by fluency alone, without tracking rhyme. The model's own favourite among the wrong
+    groups fits the line as well as what the model would write there: the pair then differs in rhyme and nothing
+    else the model can see. Only the train split changes; `stats["hard_near_misses"]` records how many rows did
+    and the model's probability of the old and new characters at the slot (the new one's is the higher)."""
+    train = dataset["train"].to_list()
+    rows = [r for r in train if r.get("rejected_source") == "near_miss"]
+    if not rows:
+        raise OnPolicyError(
+            "no near-miss train pairs to harden: build with a prosody rule (rhyme, gelv) and --near_miss_share > 0"
+        )
+    slots = [next(i for i, (a, b) in enumerate(zip(r["chosen"], r["rejected"], strict=True)) if a != b) for r in rows]
+    prompts = prompt_texts(tokenizer, [r["title"] for r in rows])
+    start = time.perf_counter()
+    probs = next_token_probs(model, tokenizer, [p + r["chosen"][:at] for p, r, at in zip(prompts, rows, slots,
+                             strict=True)], batch_size, progress, desc="hard near misses")
+    level = _level_token_groups(tokenizer)
+    ids = sorted(level)
+    position = {char: k for k, (char, _) in enumerate(level[i] for i in ids)}
+    in_group = {}  # group -> which of `ids` are in it
+    for k, i in enumerate(ids):
+        for group in level[i][1]:
+            in_group.setdefault(group, torch.zeros(len(ids), dtype=torch.bool))[k] = True
+    ids_tensor, vocab = torch.tensor(ids), tokenizer.get_vocab()
+    hardened, p_old, p_new = 0, 0.0, 0.0
+    for row, at, p in zip(rows, slots, probs, strict=True):
+        text = row["chosen"]
+        allowed = torch.ones(len(ids), dtype=torch.bool)
+        for group in {g for line in prosody.verse_lines(text) for g in prosody.level_groups(line[-1])}:
+            allowed &= ~in_group.get(group, torch.zeros(len(ids), dtype=torch.bool))
+        allowed[[position[c] for c in set(text) if c in position]] = False
+        if not allowed.any():
+            continue
+        best = int(ids_tensor[allowed][p[ids_tensor[allowed]].argmax()])
+        miss = text[:at] + level[best][0] + text[at + 1 :]
+        if not (rejected(miss, rule) and not preferred(miss, rule)):
+            continue
+        old_id = vocab.get(row["rejected"][at])
+        p_old += float(p[old_id]) if old_id is not None else 0.0
+        p_new += float(p[best])
+        row["rejected"], hardened = miss, hardened + 1
+    summary = {
+        "model": model_path,
+        "near_misses": len(rows),
+        "hardened": hardened,
+        "mean_prob_frequency_drawn": round(p_old / max(hardened, 1), 5),
+        "mean_prob_hard": round(p_new / max(hardened, 1), 5),
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+    return DatasetDict({**dataset, "train": Dataset.from_list(train)}), {**stats, "hard_near_misses": summary}

@@ -17,12 +17,9 @@ import random
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
-import torch
-from tqdm.auto import tqdm
-
 from poemdpo.data import prosody
 from poemdpo.data.pairs import default_rhyme_candidates, line_end_positions
-from poemdpo.models.generation import prompt_texts
+from poemdpo.models.generation import next_token_probs, prompt_texts
 
 
 @dataclass
@@ -89,25 +86,6 @@ def _group_ids(vocab: dict[str, int], group: str) -> list[int]:
     return sorted({vocab[c] for c in prosody.group_characters(group) if c in vocab})
 
 
-@torch.no_grad()
-def _next_char_probs(model, tokenizer, texts: list[str], batch_size: int, progress: bool = False) -> torch.Tensor:
-    """The next-token distribution after each text (right padding, read at each row's last token)."""
-    add_special_tokens = not getattr(tokenizer, "chat_template", None)
-    device = next(model.parameters()).device
-    padding_side, tokenizer.padding_side = tokenizer.padding_side, "right"
-    out = []
-    try:
-        for start in tqdm(range(0, len(texts), batch_size), desc="rhyme probe", unit="batch", disable=not progress):
-            batch = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True,
-                              add_special_tokens=add_special_tokens).to(device)
-            logits = model(**batch).logits.float()
-            last = batch["attention_mask"].sum(dim=1) - 1
-            out.append(torch.softmax(logits[torch.arange(len(last)), last], dim=-1).cpu())
-    finally:
-        tokenizer.padding_side = padding_side
-    return torch.cat(out)
-
-
 def rhyme_probe(model, tokenizer, titles: Sequence[str], poems: Sequence[str], n: int = 256, seed: int = 0,
                 batch_size: int = 32, progress: bool = False) -> RhymeProbe:
     """Both probes on up to `n` held-out poems (see the module docstring)."""
@@ -118,10 +96,10 @@ def rhyme_probe(model, tokenizer, titles: Sequence[str], poems: Sequence[str], n
     model.eval()
     try:
         prompts = prompt_texts(tokenizer, [c.title for c in cases])
-        intact = _next_char_probs(model, tokenizer, [p + c.intact for p, c in zip(prompts, cases, strict=True)],
-                                  batch_size, progress)
-        swapped = _next_char_probs(model, tokenizer, [p + c.swapped for p, c in zip(prompts, cases, strict=True)],
-                                   batch_size, progress)
+        intact = next_token_probs(model, tokenizer, [p + c.intact for p, c in zip(prompts, cases, strict=True)],
+                                  batch_size, progress, desc="rhyme probe")
+        swapped = next_token_probs(model, tokenizer, [p + c.swapped for p, c in zip(prompts, cases, strict=True)],
+                                   batch_size, progress, desc="rhyme probe")
     finally:
         model.train(was_training)
     vocab = tokenizer.get_vocab()

@@ -141,6 +141,27 @@ def decode_poem(tokenizer, ids: Sequence[int]) -> str:
     return UNKNOWN_CHARACTER.join(pieces)
 
 
+@torch.no_grad()
+def next_token_probs(model, tokenizer, texts: Sequence[str], batch_size: int = 32, progress: bool = False,
+                     desc: str = "next-token probabilities") -> torch.Tensor:
+    """The model's next-token distribution after each text, one row per text (float32, on the CPU): right padding,
+    read at each row's last token. A text is tokenized as `generate_samples` tokenizes a prompt."""
+    add_special_tokens = not getattr(tokenizer, "chat_template", None)
+    device = next(model.parameters()).device
+    padding_side, tokenizer.padding_side = tokenizer.padding_side, "right"
+    out = []
+    try:
+        for start in tqdm(range(0, len(texts), batch_size), desc=desc, unit="batch", disable=not progress):
+            batch = tokenizer(list(texts[start : start + batch_size]), return_tensors="pt", padding=True,
+                              add_special_tokens=add_special_tokens).to(device)
+            logits = model(**batch).logits.float()
+            last = batch["attention_mask"].sum(dim=1) - 1
+            out.append(torch.softmax(logits[torch.arange(len(last)), last], dim=-1).cpu())
+    finally:
+        tokenizer.padding_side = padding_side
+    return torch.cat(out)
+
+
 def prompt_texts(tokenizer, titles: Sequence[str]) -> list[str]:
     """The prompt for each title: the chat template when the tokenizer has one, else the seed's format."""
     if getattr(tokenizer, "chat_template", None):
