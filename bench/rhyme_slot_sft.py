@@ -50,6 +50,7 @@ def probe_row(name: str, model, tokenizer, titles: list[str], poems: list[str]) 
     result = rhyme_probe(model, tokenizer, titles, poems)
     return {"model": name, "line 2's group, as written": f"{result.old_group_intact:.1%}",
             "line 2's group, swapped away": f"{result.old_group_swapped:.1%}",
+            "new group, as written": f"{result.new_group_intact:.1%}",
             "new group, swapped in": f"{result.new_group_swapped:.1%}", "shift": f"{100 * result.shift:+.1f} pt",
             "true > random": f"{result.true_beats_random:.0%}"}
 
