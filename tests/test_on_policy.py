@@ -25,7 +25,7 @@ import build_dataset
 from conftest import make_corpus_poems
 from poemdpo.data import prosody
 from poemdpo.data.corpus import Poem, read_corpus
-from poemdpo.data.dataset import STATS_FILE, build_preference_dataset
+from poemdpo.data.dataset import STATS_FILE, build_preference_dataset, dataset_card
 from poemdpo.data.forms import classify, is_degenerate
 from poemdpo.data.on_policy import choose_titles, harden_rhyme_near_misses, load_sampler, with_on_policy_train
 from poemdpo.data.pairs import DEFAULT_PAIRING, build_pairs
@@ -283,3 +283,8 @@ def test_hard_near_misses_take_the_models_likeliest_wrong_rhyme(tmp_path):
             logits = model(ids).logits[0, -1]
         assert new == max(candidates, key=lambda c: logits[vocab[c]].item())
         assert prosody.check(after["rejected"]).failed() == ["rhyme"]
+    # The dataset card says what the near misses are, and which model hardened them.
+    card = dataset_card({"rule": "rhyme", "strategy": "random", "pairs": {"train": len(rows)},
+                         "near_miss_pairs": {"train": len(rows)}, **stats}, {"default": {"train": "x.parquet"}})
+    assert f"{len(rows)} train pairs" in card and "one rhyme character swapped" in card
+    assert f"in {len(rows)} of them, `tiny`'s own likeliest" in card
