@@ -20,8 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from poemdpo.data.dataset import load_held_out_poems  # noqa: E402
-from poemdpo.evaluation.probes import rhyme_probe  # noqa: E402
-from poemdpo.evaluation.tables import markdown_table  # noqa: E402
+from poemdpo.evaluation.probes import probe_table, rhyme_probe  # noqa: E402
 from poemdpo.models.loading import load_for_inference  # noqa: E402
 
 
@@ -37,18 +36,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
 
     poems = load_held_out_poems(args.dataset, args.split)
-    rows = []
+    results = []
     for name in args.models:
         model, tokenizer = load_for_inference(name)
-        result = rhyme_probe(model, tokenizer, poems["title"], poems["poem"], n=args.num_poems, seed=args.seed,
-                             progress=True)
-        rows.append({"model": name, **result.to_dict()})
-    header = ["model", "poems", "line 2's group, as written", "line 2's group, swapped away",
-              "new group, as written", "new group, swapped in", "shift", "true > random"]
-    print(markdown_table(header, [
-        [r["model"], r["poems"], *(f"{100 * r[k]:.1f}%" for k in (
-            "old_group_intact", "old_group_swapped", "new_group_intact", "new_group_swapped")),
-         f"{100 * r['shift']:+.1f} pt", f"{100 * r['true_beats_random']:.0f}%"] for r in rows]))
+        results.append((name, rhyme_probe(model, tokenizer, poems["title"], poems["poem"], n=args.num_poems,
+                                          seed=args.seed, progress=True)))
+    print(probe_table(results))
+    rows = [{"model": name, **result.to_dict()} for name, result in results]
     if args.output:
         Path(args.output).write_text(json.dumps(rows, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
     return rows

@@ -32,8 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from poemdpo.data.dataset import load_held_out_poems  # noqa: E402
 from poemdpo.data.pairs import line_end_positions  # noqa: E402
-from poemdpo.evaluation.probes import rhyme_probe  # noqa: E402
-from poemdpo.evaluation.tables import markdown_table  # noqa: E402
+from poemdpo.evaluation.probes import probe_table, rhyme_probe  # noqa: E402
 from poemdpo.models.loading import load_for_inference  # noqa: E402
 
 
@@ -44,15 +43,6 @@ def encode(tokenizer, prompt: str, poem: str) -> tuple[list[int], list[int]]:
     slots = {len(prompt) + i for i in line_end_positions(poem)[3::2]}
     kinds = [0 if start < len(prompt) else 2 if start in slots else 1 for start, _ in enc["offset_mapping"]]
     return enc["input_ids"] + [tokenizer.eos_token_id], kinds + [1]
-
-
-def probe_row(name: str, model, tokenizer, titles: list[str], poems: list[str]) -> dict:
-    result = rhyme_probe(model, tokenizer, titles, poems)
-    return {"model": name, "line 2's group, as written": f"{result.old_group_intact:.1%}",
-            "line 2's group, swapped away": f"{result.old_group_swapped:.1%}",
-            "new group, as written": f"{result.new_group_intact:.1%}",
-            "new group, swapped in": f"{result.new_group_swapped:.1%}", "shift": f"{100 * result.shift:+.1f} pt",
-            "true > random": f"{result.true_beats_random:.0%}"}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -74,7 +64,7 @@ def main(argv: list[str] | None = None) -> dict:
     train = load_dataset(args.dataset, split="train")
     held_out = load_held_out_poems(args.dataset, "test")
     probe_titles, probe_poems = list(held_out["title"]), list(held_out["poem"])
-    rows = [probe_row(args.model, model, tokenizer, probe_titles, probe_poems)]
+    probes = [(args.model, rhyme_probe(model, tokenizer, probe_titles, probe_poems))]
 
     poems = sorted(set(zip(train["prompt"], train["chosen"], strict=True)))
     examples = [encode(tokenizer, prompt, poem) for prompt, poem in poems]
@@ -104,16 +94,16 @@ def main(argv: list[str] | None = None) -> dict:
         slot_loss += nll[kind == 2].mean().item()
         other_loss += nll[kind == 1].mean().item()
     model.eval()
-    rows.append(probe_row(args.output_dir, model, tokenizer, probe_titles, probe_poems))
+    probes.append((args.output_dir, rhyme_probe(model, tokenizer, probe_titles, probe_poems)))
     model.save_pretrained(args.output_dir)
     tokenizer.save_pretrained(args.output_dir)
     result = {
         "settings": vars(args), "poems": len(examples), "steps": steps, "seconds": round(time.perf_counter() - start),
         "mean_train_nll_rhyme_slots": round(slot_loss / steps, 4), "mean_train_nll_other": round(other_loss / steps, 4),
-        "probe": rows,
+        "probe": [{"model": name, **result.to_dict()} for name, result in probes],
     }
     (Path(args.output_dir) / "probe.json").write_text(json.dumps(result, ensure_ascii=False, indent=2))
-    print(markdown_table(list(rows[0]), [list(r.values()) for r in rows]))
+    print(probe_table(probes))
     print({k: v for k, v in result.items() if k not in ("probe", "settings")})
     return result
 

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 
 from poemdpo.data import prosody
 from poemdpo.data.pairs import default_rhyme_candidates, line_end_positions
+from poemdpo.evaluation.tables import markdown_table
 from poemdpo.models.generation import next_token_probs, prompt_texts
 
 
@@ -38,6 +39,18 @@ class RhymeProbe:
 
     def to_dict(self) -> dict:
         return {**asdict(self), "shift": self.shift}
+
+
+PROBE_HEADER = ("model", "poems", "line 2's group, as written", "line 2's group, swapped away",
+                "new group, as written", "new group, swapped in", "shift", "true > random")
+
+
+def probe_table(rows: Sequence[tuple[str, RhymeProbe]]) -> str:
+    """One Markdown row per (model name, probe result), the columns of PROBE_HEADER."""
+    return markdown_table(PROBE_HEADER, [
+        [name, r.poems, *(f"{100 * x:.1f}%" for x in (r.old_group_intact, r.old_group_swapped, r.new_group_intact,
+                                                       r.new_group_swapped)),
+         f"{100 * r.shift:+.1f} pt", f"{100 * r.true_beats_random:.0f}%"] for name, r in rows])
 
 
 @dataclass
