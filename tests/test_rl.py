@@ -14,6 +14,7 @@ from test_reward import make_pairs_dir, tiny_base_dir
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 import train_rl
+from poemdpo.data.rules import RULES, credit, preferred
 from poemdpo.models import generation
 from poemdpo.training.reward import score
 from poemdpo.training.rl import (
@@ -67,6 +68,17 @@ def test_rule_reward_grades_hand_made_poems():
     # Partial credit never reaches the full reward, and near misses rank above wrecks: a group is not all ties.
     assert max(rule_reward([THREE_OF_FOUR, ONE_OF_FOUR, SEVEN])) <= 0.5
     assert len(set(rule_reward([THREE_OF_FOUR, ONE_OF_FOUR, SEVEN]))) == 3
+
+
+@pytest.mark.parametrize("rule", sorted(RULES))
+def test_every_rule_grades_its_own_poems_full_and_a_wreck_zero(rule):
+    """Each rule carries its partial credit (`rules.credit`): a rule added later cannot fall back to 0/1 ties."""
+    poems = [FIVE, SEVEN, FIVE + "\n" + FIVE, DENG_GUAN_QUE_LOU, CHUN_WANG]
+    mine = [p for p in poems if preferred(p, rule)]
+    assert mine, f"no hand-made poem meets {rule}"
+    assert [credit(p, rule) for p in mine] == [1.0] * len(mine)
+    assert credit("，，，", rule) == 0.0 and rule_reward(["，，，"], rule=rule) == [0.0]
+    assert all(0.0 <= credit(p, rule) <= 1.0 for p in poems + [THREE_OF_FOUR, ONE_OF_FOUR, MIXED])
 
 
 def test_prosody_rules_give_credit_for_rhyme_half_kept():

@@ -23,10 +23,8 @@ from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
-from poemdpo.data import prosody
-from poemdpo.data.forms import classify
 from poemdpo.data.prompts import build_prompt, conversational, title_of
-from poemdpo.data.rules import RULES, preferred, prosody_report
+from poemdpo.data.rules import RULES, credit, preferred
 from poemdpo.data.splits import SplitSpec, check_same_splits
 from poemdpo.errors import PoemDPOError
 from poemdpo.models import loading
@@ -38,21 +36,6 @@ from poemdpo.training.reward import load_reward_model, score
 
 METHODS = {"grpo": (GRPOConfig, GRPOTrainer), "rloo": (RLOOConfig, RLOOTrainer)}
 RECIPES = {"grpo": "configs/grpo_tiny_cpu.yaml", "rloo": "configs/rloo_tiny_cpu.yaml"}
-
-# The line lengths a rule asks for, for the partial credit. A rule missing here is graded 1 or 0 only.
-PREFERRED_LINE_LENGTHS: dict[str, tuple[int, ...]] = {
-    "five_char": (5,), "seven_char": (7,), "jueju": (5, 7), "lushi": (5, 7), "rhyme": (5, 7), "gelv": (5, 7),
-}
-
-
-def _prosody_credit(text: str, rule: str) -> float:
-    """The prosody rules' own share of a miss, in [0, 1]: rhyme, the largest share of even lines in one 平 group
-    (`prosody.rhyme_share`); gelv, the share of 格律 checks passed. 0 outside the shapes the checks are for."""
-    report = prosody_report(text)
-    if not report.applicable:
-        return 0.0
-    return prosody.rhyme_share(text) if rule == "rhyme" else report.score
-
 
 @dataclass
 class RLScriptArguments:
@@ -213,8 +196,8 @@ def _text(completion) -> str:
 def rule_reward(completions: Sequence, *, rule: str = "five_char", completion_ids: Sequence[Sequence[int]] | None
                 = None, tokenizer: PreTrainedTokenizerBase | None = None, eos_token_ids: Sequence[int] = (),
                 **kwargs) -> list[float]:
-    """The rule as a graded, verifiable reward: 1 for a finished poem the rule prefers, else 0.5 × the share of
-    its lines that have a length the rule asks for (five characters for five_char).
+    """The rule as a graded, verifiable reward: 1 for a finished poem the rule prefers, else 0.5 × the rule's
+    partial credit (`rules.credit`: for five_char, the share of lines of five characters).
 
     Graded, because GRPO and RLOO learn only from differences inside a group of K poems for one title: with a
     0/1 reward a group whose poems all miss (most groups, early on, for a rule the base model rarely meets) is
@@ -226,11 +209,8 @@ def rule_reward(completions: Sequence, *, rule: str = "five_char", completion_id
     With `completion_ids` and `tokenizer` (as `train_rl.py` passes them) a poem is read from its token ids:
     finished means it ends in one of `eos_token_ids`, and an unknown token reads as □ (TRL's decoded text drops
     it, which would make a five-character line with one rare character look like four). Without them, each
-    completion is taken as a finished poem's text. The prosody rules (rhyme, gelv) split the partial credit:
-    half for lines of five or seven characters, half for how near the poem comes (`_prosody_credit`), so a
-    regulated poem with two of its four even lines in one group outranks one with none, and both outrank a wreck.
+    completion is taken as a finished poem's text.
     """
-    lengths = PREFERRED_LINE_LENGTHS.get(rule, ())
     rewards = []
     for i, completion in enumerate(completions):
         text, finished = _text(completion), True
@@ -241,11 +221,7 @@ def rule_reward(completions: Sequence, *, rule: str = "five_char", completion_id
         if finished and preferred(text, rule):
             rewards.append(1.0)
             continue
-        form = classify(text)
-        share = max((form.line_lengths.count(n) / form.n_lines for n in lengths), default=0.0) if form.n_lines else 0
-        if rule in ("rhyme", "gelv"):  # half for the shape, half for how near it comes to the prosody
-            share = 0.5 * share + 0.5 * _prosody_credit(text, rule)
-        rewards.append(0.5 * share)
+        rewards.append(0.5 * credit(text, rule))
     return rewards
 
 
