@@ -3,8 +3,8 @@ evaluate.py's protocol on the test split, in one Markdown table (docs/methods_ta
 
     python build_dataset.py                  # data/pairs_five_char, if missing
     python train_base.py                     # data/base_model, if missing
-    python bench/methods_table.py            # dpo, chapter_unlikelihood, chapter_linear, simpo, orpo, kto, grpo, rloo,
-                                             # grpo_reward_model x 3 training seeds -> docs/methods_table.md
+    python bench/methods_table.py            # every method of poemdpo.pipeline.METHODS but the reward model alone
+                                             # x 3 training seeds -> docs/methods_table.md
     python bench/methods_table.py --methods dpo,grpo --seeds 1 --output /tmp/methods_table.md
     python bench/methods_table.py --methods dpo,chapter_linear --seeds 1 --extra '--max_steps 2' \\
         --num_titles 8 --poems_per_title 2 --work_dir /tmp/methods --output /tmp/methods_table.md   # a smoke run
@@ -21,7 +21,10 @@ Each run is the method's training script and recipe exactly as `python -m poemdp
 (poemdpo.pipeline.METHODS: same script, recipe, model, dataset and rule flags), plus `--seed s` and then --extra,
 in a child process whose output goes to <work_dir>/<method>/seed_<s>/train.log; grpo_reward_model first trains its
 judge (train_reward.py, the same seed and --extra) into <run>/judge, and its minutes and pairs are counted in the
-row. Training seeds are --first_seed, --first_seed + 1, ... (42 is the recipes' own). Then
+row. dpo_grpo and iterated_dpo go on from the dpo run of the same seed; iterated_dpo first samples its pairs from
+that model (build_dataset.py --on_policy_model, split and pairing as --dataset's stats.json records them) into
+<run>/pairs, and the sampling minutes and poems are counted in the row.
+Training seeds are --first_seed, --first_seed + 1, ... (42 is the recipes' own). Then
 `poemdpo.evaluation.evaluate.run` on the **test** split against --base_model: the same random titles (title seed 0),
 --poems_per_title poems each, sampling seed 0 for every run, so every run's poems pair slot by slot with dpo's.
 
@@ -57,7 +60,7 @@ from poemdpo.errors import PoemDPOError  # noqa: E402
 from poemdpo.evaluation.evaluate import EvalArguments, compare, pooled_rule_rate, run, training_log  # noqa: E402
 from poemdpo.evaluation.tables import markdown_table  # noqa: E402
 from poemdpo.models.loading import looks_local  # noqa: E402
-from poemdpo.pipeline import METHODS, STARTS_FROM  # noqa: E402
+from poemdpo.pipeline import METHODS, ON_POLICY_PAIRS, STARTS_FROM  # noqa: E402
 from poemdpo.run_info import read_run_info  # noqa: E402
 
 BASELINE = "dpo"
@@ -182,6 +185,16 @@ def train_and_evaluate(method: str, seed: int, args: argparse.Namespace, extra: 
         first = json.loads((Path(args.work_dir) / STARTS_FROM[method] / f"seed_{seed}" / RUN_RECORD).read_text(
             encoding="utf-8"))
         common[1] = first["model"]
+    if method in ON_POLICY_PAIRS:  # iterated_dpo: pairs of the dpo run's own poems, split as --dataset was
+        stats = json.loads((Path(args.dataset) / "stats.json").read_text(encoding="utf-8"))
+        splits = stats.get("splits") or {}
+        pairs_dir = run_dir / "pairs"
+        commands.append(["build_dataset.py", "--on_policy_model", common[1], "--rule", args.rule, "--seed", str(seed),
+                         "--pairing", stats["strategy"], "--near_miss_share", str(stats["near_miss_share"]),
+                         *(f for k, flag in (("validation_size", "--validation_size"), ("test_size", "--test_size"),
+                                             ("seed", "--split_seed")) if k in splits for f in (flag, str(splits[k]))),
+                         "--output_dir", str(pairs_dir)])
+        common[3] = str(pairs_dir)
     if method == "grpo_reward_model":
         judge_dir = run_dir / "judge"
         judge_script, judge_recipe, _ = METHODS[JUDGE]
@@ -197,12 +210,18 @@ def train_and_evaluate(method: str, seed: int, args: argparse.Namespace, extra: 
                                    split="test", rule=args.rule, num_titles=args.num_titles,
                                    poems_per_title=args.poems_per_title, seeds=1, seed=SAMPLING_SEED,
                                    title_seed=TITLE_SEED, output_dir=str(run_dir / "eval")))
+    used = consumed(method, model_dir, judge_dir)
+    if first:  # the first stage's pairs count too; an on-policy round adds the poems it sampled for its pairs
+        used["pairs"] = _sum(first["consumed"]["pairs"], used.get("pairs", 0))
+    if method in ON_POLICY_PAIRS:
+        stats = json.loads((run_dir / "pairs" / "stats.json").read_text(encoding="utf-8"))
+        used["poems"] = stats["on_policy"]["samples"]
     record = {
         "method": method, "seed": seed, "model": str(model_dir), "eval": str(run_dir / "eval"),
         "train_seconds": seconds[-1], "judge_seconds": seconds[0] if judge_dir else None,
+        "pairs_seconds": seconds[0] if method in ON_POLICY_PAIRS else None,
         "first_seconds": first["train_seconds"] if first else None,
-        "consumed": {**({"pairs": first["consumed"]["pairs"]} if first else {}),
-                     **consumed(method, model_dir, judge_dir)},
+        "consumed": used,
         "eval_seconds": report["seconds"],
         "commands": [["python", *command] for command in commands],
     }
@@ -217,8 +236,14 @@ def train_and_evaluate(method: str, seed: int, args: argparse.Namespace, extra: 
     return record
 
 
+def _sum(*values: float | None) -> float | None:
+    return None if any(v is None for v in values) else sum(values)
+
+
 def seconds_total(record: dict) -> float:
-    return record["train_seconds"] + (record["judge_seconds"] or 0.0) + (record.get("first_seconds") or 0.0)
+    """A run's training minutes, every stage counted: the judge, the first stage, the on-policy pairs' sampling."""
+    return record["train_seconds"] + sum(record.get(k) or 0.0 for k in ("judge_seconds", "first_seconds",
+                                                                         "pairs_seconds"))
 
 
 # --- the table ------------------------------------------------------------------------------------------------------

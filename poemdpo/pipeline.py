@@ -1,7 +1,8 @@
 """The main job, end to end on the embedded default: dataset -> base model (if missing) -> training -> evaluation.
 
 The training stage is one of the repository's roads (--method): DPO then a short GRPO on the DPO model's own poems
-(the default, dpo_grpo), DPO alone, the chapter's two objectives
+(the default, dpo_grpo), DPO alone, iterated DPO (a second round on the DPO model's own poems), the chapter's two
+objectives
 or SimPO / ORPO / KTO on train_dpo.py, a reward model, GRPO or RLOO on the model's own poems, or GRPO rewarded by a
 reward model. The headline is evaluate.py's own: the rule's strict rate on random test titles (K poems each), with
 its 95% interval, beside the reference's. A reward model writes no poems: its headline is its accuracy on the held-out
@@ -12,6 +13,7 @@ pairs, as train_reward.py measured it. Every stage uses the same train / validat
     python -m poemdpo.pipeline --rule seven_char     # 七言 preferred
     python -m poemdpo.pipeline --method simpo        # SimPO (also orpo, kto): the DPO recipe, the objective swapped
     python -m poemdpo.pipeline --method grpo         # GRPO, the rule as reward
+    python -m poemdpo.pipeline --method iterated_dpo # DPO, then DPO again on pairs of its own poems
     python -m poemdpo.pipeline --method grpo_reward_model   # a reward model (if missing), then GRPO against it
     python -m poemdpo.pipeline --method dpo --max_train_pairs 500   # the rest goes to the (last) training script
 
@@ -53,10 +55,14 @@ METHODS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "rloo": ("train_rl.py", "configs/rloo_tiny_cpu.yaml", ("--method", "rloo")),
     "grpo_reward_model": ("train_rl.py", "configs/grpo_tiny_cpu.yaml", ("--method", "grpo")),
     "dpo_grpo": ("train_rl.py", "configs/grpo_after_dpo_cpu.yaml", ("--method", "grpo")),
+    "iterated_dpo": ("train_dpo.py", "configs/dpo_tiny_cpu.yaml", ()),
 }
 # Methods that go on from another method's model: dpo_grpo is DPO (its own stage, into data/dpo_<rule>), then GRPO
 # with the rule on the DPO model's poems. Corpus pairs teach the form; only the policy's own poems show its slips.
-STARTS_FROM = {"dpo_grpo": "dpo"}
+STARTS_FROM = {"dpo_grpo": "dpo", "iterated_dpo": "dpo"}
+# Methods whose last stage learns from pairs of the first stage's own poems, labelled by the rule
+# (build_dataset.py --on_policy_model): iterated DPO's second round, the offline cousin of dpo_grpo.
+ON_POLICY_PAIRS = {"iterated_dpo"}
 # The recipe the headline reports (docs/recipes.md): on validation, 50 GRPO steps after DPO took strict 五言 from
 # 96.3% to 98.9% (two base models, paired p = 6e-10).
 DEFAULT_METHOD = "dpo_grpo"
@@ -74,7 +80,9 @@ class PipelineArguments:
                   "swapped; "
                   "reward_model: a reward model on the pairs (no policy: its held-out accuracy is the result); "
                   "grpo / rloo: RL on the model's own poems, the rule as reward; grpo_reward_model: GRPO rewarded "
-                  "by a reward model (trained first if --reward_model is missing).", "choices": list(METHODS)},
+                  "by a reward model (trained first if --reward_model is missing); iterated_dpo: DPO, then a second "
+                  "DPO round (same recipe) on pairs of the DPO model's own poems for train titles, labelled by the "
+                  "rule (into <pairs_dir>_on_policy).", "choices": list(METHODS)},
     )
     rule: str = field(default="five_char",
                       metadata={"help": "Which poems to prefer.", "choices": sorted(RULES)})
@@ -160,9 +168,9 @@ def main(argv: list[str] | None = None) -> dict:
     # 1. The preference pairs, split by title.
     splits = ["--validation_size", str(args.validation_size), "--test_size", str(args.test_size), "--split_seed",
               str(args.split_seed)]
-    seconds["dataset"] = run_stage("dataset", ["build_dataset.py", "--corpus", args.corpus, "--rule", args.rule,
-                                               "--pairing", args.pairing, "--near_miss_share",
-                                               str(args.near_miss_share), "--output_dir", pairs, *splits])
+    dataset = ["build_dataset.py", "--corpus", args.corpus, "--rule", args.rule, "--pairing", args.pairing,
+               "--near_miss_share", str(args.near_miss_share), *splits]
+    seconds["dataset"] = run_stage("dataset", [*dataset, "--output_dir", pairs])
 
     # 2. The base model, if missing.
     if not (ROOT / args.base_model / "config.json").is_file():
@@ -179,6 +187,11 @@ def main(argv: list[str] | None = None) -> dict:
         seconds[first] = run_stage(first, [first_script, *first_args, "--config", first_recipe_of(args), *common,
                                            "--output_dir", first_dir])
         common = ["--model_name_or_path", first_dir, *common[2:]]
+    if args.method in ON_POLICY_PAIRS:  # the second round's pairs: the first stage's poems, labelled by the rule
+        on_policy = f"{pairs}_on_policy"
+        seconds["on-policy pairs"] = run_stage("on-policy pairs", [*dataset, "--on_policy_model", first_dir,
+                                                                   "--output_dir", on_policy])
+        common = [*common[:2], "--dataset_name", on_policy, *common[4:]]
     if args.method == "grpo_reward_model":
         reward_dir = args.reward_model or f"data/reward_model_{args.rule}"
         if not (ROOT / reward_dir / "config.json").is_file():

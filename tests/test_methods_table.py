@@ -105,7 +105,8 @@ def fake_training(tmp_path, monkeypatch, scripts: dict[str, tuple[dict, float]],
         (out / "checkpoint-7").mkdir(parents=True)
         (out / "checkpoint-7" / "trainer_state.json").write_text(json.dumps({"epoch": epoch}), encoding="utf-8")
         info, seconds = scripts[command[0]]
-        (out / "poemdpo.json").write_text(json.dumps(info), encoding="utf-8")
+        (out / ("stats.json" if command[0] == "build_dataset.py" else "poemdpo.json")).write_text(
+            json.dumps(info), encoding="utf-8")
         return seconds
 
     monkeypatch.setattr(methods_table, "run_script", fake_script)
@@ -165,3 +166,34 @@ def test_dpo_grpo_goes_on_from_the_dpo_run_of_the_same_seed(tmp_path, monkeypatc
     assert config.seed == 44 and config.output_dir == str(tmp_path / "runs" / "dpo_grpo" / "seed_44" / "model")
     assert methods_table.seconds_total(record) == 630.0  # dpo's 300 s and GRPO's 330 s
     assert methods_table.consumed_cell([record]) == "40 pairs + 1,600 poems"
+
+
+def test_iterated_dpo_samples_pairs_from_the_dpo_run_of_the_same_seed_then_trains_on_them(tmp_path, monkeypatch):
+    """Round two: the dpo run's own poems become pairs (split as --dataset was), DPO goes on from that model on
+    them, and the row counts both rounds' pairs, the poems sampled and every stage's minutes."""
+    from test_pipeline import parse_training_command
+    from transformers import HfArgumentParser
+
+    from build_dataset import BuildArguments
+
+    fake_training(tmp_path, monkeypatch, {"train_dpo.py": ({"train_pairs": 40}, 300.0),
+                                          "build_dataset.py": ({"on_policy": {"samples": 800}}, 90.0)}, epoch=1.0)
+    (tmp_path / "pairs" / "stats.json").write_text(json.dumps({
+        "strategy": "length_matched", "near_miss_share": 0.25,
+        "splits": {"validation_size": 0.05, "test_size": 0.1, "seed": 7}}), encoding="utf-8")
+    args = methods_table.parse_args(["--dataset", str(tmp_path / "pairs"), "--base_model", str(tmp_path / "base"),
+                                     "--work_dir", str(tmp_path / "runs"), "--methods", "iterated_dpo"])
+    assert args.methods == ["dpo", "iterated_dpo"]
+    dpo = methods_table.train_and_evaluate("dpo", 44, args, [])
+    record = methods_table.train_and_evaluate("iterated_dpo", 44, args, ["--max_steps", "2"])
+    build, train = (command[1:] for command in record["commands"])
+    assert (build[0], train[0]) == ("build_dataset.py", "train_dpo.py")
+    built = HfArgumentParser(BuildArguments).parse_args_into_dataclasses(args=build[1:])[0]
+    run_dir = tmp_path / "runs" / "iterated_dpo" / "seed_44"
+    assert built.on_policy_model == dpo["model"] and built.output_dir == str(run_dir / "pairs") and built.seed == 44
+    assert (built.test_size, built.split_seed, built.near_miss_share) == (0.1, 7, 0.25)
+    script_args, config, model_args = parse_training_command(train)
+    assert model_args.model_name_or_path == dpo["model"] and script_args.dataset_name == str(run_dir / "pairs")
+    assert config.seed == 44 and config.max_steps == 2 and config.output_dir == str(run_dir / "model")
+    assert methods_table.seconds_total(record) == 690.0  # dpo 300 s, sampling the pairs 90 s, round two 300 s
+    assert methods_table.consumed_cell([record]) == "80 pairs + 800 poems"

@@ -213,6 +213,31 @@ def test_the_default_trains_dpo_then_grpo_on_the_dpo_model_and_evaluates_against
     assert stages.command("train_rl.py")[3:5] == ["--config", "configs/grpo_tiny_cpu.yaml"]
 
 
+def test_iterated_dpo_trains_dpo_then_dpo_again_on_pairs_of_its_own_poems(stages):
+    from transformers import HfArgumentParser
+
+    from build_dataset import BuildArguments
+
+    pipeline.main(["--method", "iterated_dpo", "--rule", "seven_char", "--test_size", "0.1", "--max_steps", "3"])
+    assert stages.scripts() == ["build_dataset.py", "train_dpo.py", "build_dataset.py", "train_dpo.py",
+                                "evaluate.py"]
+    corpus_build, on_policy_build = (HfArgumentParser(BuildArguments).parse_args_into_dataclasses(args=c[1:])[0]
+                                     for _, c in stages.commands if c[0] == "build_dataset.py")
+    assert on_policy_build.on_policy_model == "data/dpo_seven_char" and corpus_build.on_policy_model is None
+    assert on_policy_build.output_dir == "data/pairs_seven_char_on_policy" and on_policy_build.rule == "seven_char"
+    assert on_policy_build.test_size == corpus_build.test_size == 0.1  # one split of titles for every stage
+
+    first, second = (parse_training_command(c) for _, c in stages.commands if c[0] == "train_dpo.py")
+    assert (first[2].model_name_or_path, first[0].dataset_name) == ("data/base_model", "data/pairs_seven_char")
+    assert first[1].max_steps != 3  # extra arguments go to the last stage only
+    assert (second[2].model_name_or_path, second[0].dataset_name) == ("data/dpo_seven_char",
+                                                                      "data/pairs_seven_char_on_policy")
+    assert (second[1].output_dir, second[1].max_steps) == ("data/iterated_dpo_seven_char", 3)
+    evaluate = stages.command("evaluate.py")  # test titles and corpus pairs, as every other road's
+    assert evaluate[evaluate.index("--dataset") + 1] == "data/pairs_seven_char"
+    assert evaluate[evaluate.index("--reference") + 1] == "data/base_model"
+
+
 def test_reward_model_reports_its_accuracy_and_samples_no_poems(stages, capsys):
     result = pipeline.main(["--method", "reward_model"])
     assert stages.scripts() == ["build_dataset.py", "train_reward.py"]  # no policy: no evaluate.py
