@@ -126,6 +126,11 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.perf_counter()
     try:
         splits = SplitSpec(args.validation_size, args.test_size, args.split_seed)
+        if args.near_miss_model and (args.rule not in RULES or RULES[args.rule].near_miss != "rhyme"
+                                     or args.near_miss_share <= 0):
+            raise PoemDPOError(f"--near_miss_model hardens rhyme near misses: it needs a prosody rule (--rule rhyme "
+                               f"or gelv) and --near_miss_share > 0, got --rule {args.rule} and --near_miss_share "
+                               f"{args.near_miss_share}")
         # Loaded first, so a wrong model path fails before the corpus is read.
         sampler = load_sampler(args.on_policy_model) if args.on_policy_model else None
         hardener = load_sampler(args.near_miss_model) if args.near_miss_model else None

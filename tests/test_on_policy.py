@@ -249,6 +249,18 @@ def test_bad_model_is_a_clear_error(tmp_path, corpus_dir, case, message):
 # --- hard rhyme near misses ---------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("rule, share", [("five_char", "0.5"), ("rhyme", "0")])
+def test_near_miss_model_without_rhyme_near_misses_stops_before_any_work(tmp_path, corpus_dir, rule, share):
+    argv = ["--corpus", str(corpus_dir), "--output_dir", str(tmp_path / "pairs"), *SPLIT_ARGS, "--rule", rule,
+            "--near_miss_share", share, "--near_miss_model", str(tmp_path / "no_model")]
+    with pytest.raises(SystemExit) as exit_info:
+        build_dataset.main(argv)
+    message = str(exit_info.value)
+    assert message.startswith("build_dataset.py: error: --near_miss_model hardens rhyme near misses")
+    assert f"--rule {rule} and --near_miss_share {float(share)}" in message  # not the missing model: checked first
+    assert not (tmp_path / "pairs").exists()
+
+
 def test_hard_near_misses_take_the_models_likeliest_wrong_rhyme(tmp_path):
     """Each hardened near miss changes only the frequency-drawn near miss's character, to the 平 character of
     another group, not in the poem, that the model finds likeliest there: checked by a forward pass per poem."""
