@@ -1,5 +1,6 @@
 """The methods table of issue #14: every road that trains a policy, each trained with several seeds, measured by
-evaluate.py's protocol on the test split, in one Markdown table (docs/methods_table.md).
+evaluate.py's protocol on the test split, in one Markdown table (docs/methods_table.md) and a plot of each method's
+rule rate against its KL to the reference and its training minutes (docs/methods_table.png: --output's name, .png).
 
     python build_dataset.py                  # data/pairs_five_char, if missing
     python train_base.py                     # data/base_model, if missing
@@ -58,6 +59,7 @@ from bench.recipe_sweep import _num, _paired, _pct, _rate, pooled_test  # noqa: 
 from poemdpo.data.rules import RULES  # noqa: E402
 from poemdpo.errors import PoemDPOError  # noqa: E402
 from poemdpo.evaluation.evaluate import EvalArguments, compare, pooled_rule_rate, run, training_log  # noqa: E402
+from poemdpo.evaluation.plots import plot_methods  # noqa: E402
 from poemdpo.evaluation.tables import markdown_table  # noqa: E402
 from poemdpo.models.loading import looks_local  # noqa: E402
 from poemdpo.pipeline import METHODS, ON_POLICY_PAIRS, STARTS_FROM  # noqa: E402
@@ -302,13 +304,20 @@ def flipped(test: dict) -> dict:
     return {"a_only": test["b_only"], "b_only": test["a_only"]}
 
 
-def render(runs: dict[str, list[dict]], args: argparse.Namespace) -> str:
-    """The Markdown: the pooled table (reference row first), then every run."""
+def plot_point(name: str, rate: dict, kl: float | None, minutes: float | None) -> dict:
+    low, high = rate["ci95"]
+    return {"name": name, "rate": rate["rate"], "low": low, "high": high, "kl": kl, "minutes": minutes}
+
+
+def render(runs: dict[str, list[dict]], args: argparse.Namespace, plot: Path | None = None) -> str:
+    """The Markdown: the pooled table (reference row first), then every run; with `plot`, the rule rate against
+    KL and against training minutes as a PNG there, linked from the Markdown."""
     reports = {method: [read_report(r) for r in records] for method, records in runs.items()}
     baseline = runs[BASELINE]
     rows = []
     first = reports[BASELINE][0]
     reference = first["models"]["reference"]
+    points = [plot_point("reference", reference["rule_rate"], 0.0, 0.0)]
     reference_test = pooled_test([flipped(r["paired_test"]) for r in reports[BASELINE]])
     rows.append(["reference (the base model)", _rate(reference["rule_rate"]), _pct(reference["well_formed_rate"]),
                  _pct(reference["degenerate_rate"]), _num(reference["distinct_2"]),
@@ -318,13 +327,16 @@ def render(runs: dict[str, list[dict]], args: argparse.Namespace) -> str:
         test = None if method == BASELINE else pooled_test(
             [compare(r["eval"], b["eval"]) for r, b in zip(records, baseline, strict=True)])
         minutes = mean([seconds_total(r) / 60 for r in records])
+        rate = pooled_rule_rate([r["eval"] for r in records])["aligned"]
+        kl = pooled_kl([r["models"]["aligned"].get("kl_to_reference") for r in mine])
+        points.append(plot_point(method, rate, kl and kl["mean"], minutes))
         rows.append([
-            method, _rate(pooled_rule_rate([r["eval"] for r in records])["aligned"]),
+            method, _rate(rate),
             _pct(pooled_share(mine, "aligned", "well_formed_rate")),
             _pct(pooled_share(mine, "aligned", "degenerate_rate")),
             _num(mean([r["models"]["aligned"]["distinct_2"] for r in mine])),
             _num(mean([r["models"]["aligned"]["loss_per_char_preferred"] for r in mine])),
-            kl_cell(pooled_kl([r["models"]["aligned"].get("kl_to_reference") for r in mine])),
+            kl_cell(kl),
             f"{minutes:.1f}", consumed_cell(records), *_paired(test),
         ])
     per_run = [[r["method"], r["seed"], _rate(rep["models"]["aligned"]["rule_rate"]),
@@ -332,6 +344,8 @@ def render(runs: dict[str, list[dict]], args: argparse.Namespace) -> str:
                 consumed_cell([r]), f"`{r['eval']}`"]
                for method, records in runs.items() for r, rep in zip(records, reports[method], strict=True)]
     seeds = [r["seed"] for r in baseline]
+    if plot:
+        plot_methods(points, first["rule"], plot)
     lines = [
         "# Methods table (issue #14)",
         "",
@@ -345,11 +359,12 @@ def render(runs: dict[str, list[dict]], args: argparse.Namespace) -> str:
         "on the discordant slots of every seed (seed s against dpo's seed s)",
         "- KL to reference: mean over the method's own sampled poems of log π(poem) − log π_ref(poem), nats per "
         "poem ± standard error (per token); training minutes: wall time of the training script (grpo_reward_model: "
-        "its judge's too; dpo_grpo: the dpo run's too); consumed: pairs gone through (train_dpo.py) or poems "
-        "written (train_rl.py)",
+        "its judge's too; dpo_grpo: the dpo run's too; iterated_dpo: the dpo run's and the sampling of its pairs); "
+        "consumed: pairs gone through (train_dpo.py), poems written (train_rl.py) or sampled for on-policy pairs",
         "",
         markdown_table([h.format(rule=first["rule"]) for h in HEADER], rows),
         "",
+        *([f"![{first['rule']} rate against KL and against training minutes]({plot.name})", ""] if plot else []),
         "## Every run",
         "",
         markdown_table(("method", "training seed", "strict [95% Wilson]", "KL ± s.e. (per token)", "training min",
@@ -370,11 +385,11 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         for method in args.methods:
             runs[method] = [train_and_evaluate(method, seed, args, extra) for seed in seeds]
-        markdown = render(runs, args)
+        output = Path(args.output)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        markdown = render(runs, args, plot=output.with_suffix(".png"))
     except PoemDPOError as e:
         sys.exit(f"methods_table.py: error: {e}")
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(markdown, encoding="utf-8")
     print(markdown, end="", flush=True)
     print(f"written to {output}", file=sys.stderr)

@@ -39,6 +39,8 @@ def test_two_methods_one_seed_end_to_end(tmp_path, capsys):
     markdown = output.read_text(encoding="utf-8")
     assert markdown == result["markdown"] and markdown in capsys.readouterr().out
     assert list(result["runs"]) == ["dpo", "chapter_linear"]  # dpo always runs, first
+    plot = output.with_suffix(".png")  # rate against KL and minutes, beside the table and linked from it
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({plot.name})" in markdown
 
     header = cells(markdown, "method")
     assert len(header) == 11 and header[1] == "five_char, strict, seeds pooled [95% Wilson]"

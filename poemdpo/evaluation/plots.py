@@ -77,3 +77,32 @@ def plot_training_rewards(log_history: list[dict], path: str | Path) -> Path | N
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return Path(path)
+
+
+def plot_methods(points: list[dict], rule: str, path: str | Path) -> Path:
+    """The methods table as two scatter plots: each method's strict rule rate (with its 95% interval) against its
+    KL to the reference, and against its training minutes. `points`: dicts with name, rate, low, high, kl and
+    minutes (kl or minutes None: left out of that panel). KL is on a symmetric-log axis: the reference-free
+    objectives that wreck the language sit hundreds of nats out, the rest within a few."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5), sharey=True)
+    markers = "osD^v<>pPX*h"
+    for k, point in enumerate(points):  # one colour and marker per method, the same in both panels
+        style = {"color": f"C{k % 10}", "marker": markers[k % len(markers)], "linestyle": "none", "capsize": 3}
+        error = [[point["rate"] - point["low"]], [point["high"] - point["rate"]]]
+        for ax, key in ((axes[0], "kl"), (axes[1], "minutes")):
+            if point.get(key) is not None:
+                ax.errorbar(point[key], point["rate"], yerr=error, label=point["name"] if ax is axes[0] else None,
+                            **style)
+    for ax, label in ((axes[0], "KL to reference, nats per poem (symlog)"),
+                      (axes[1], "training minutes (CPU, wall)")):
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_xscale("symlog", linthresh=1.0)
+    axes[0].set_ylabel(f"{rule}, strict rate on test titles")
+    axes[0].set_ylim(0, 1.05)
+    fig.suptitle(f"Methods side by side: {rule}")
+    fig.legend(loc="lower center", ncol=min(6, len(points)), fontsize=8)
+    fig.tight_layout(rect=(0, 0.08 + 0.04 * ((len(points) - 1) // 6), 1, 1))
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
