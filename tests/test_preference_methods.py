@@ -92,16 +92,17 @@ def test_each_method_trains_saves_and_records_its_run(runs, base, method):
 def test_simpo_loss_is_trl_simpo_loss(runs):
     trainer, _ = runs("simpo")
     beta, gamma = trainer.args.beta, trainer.args.simpo_gamma
-    assert (beta, gamma, trainer.args.cpo_alpha, trainer.args.loss_type) == (2.0, 1.0, 0.0, "simpo")
+    alpha = trainer.args.cpo_alpha
+    assert (beta, gamma, alpha, trainer.args.loss_type) == (2.0, 1.0, 1.0, "simpo")
     entries = logged(trainer, "rewards/margins")
     assert len(entries) == 2
-    for entry in entries:  # one pair a step: the loss of its logged margin
-        assert entry["nll_loss"] == 0.0  # pure SimPO
+    for entry in entries:  # one pair a step: the loss of its logged margin, plus the NLL of its chosen poem
+        assert entry["nll_loss"] > 0.0
         # rewards are β × mean per-token log-prob, no reference
         assert entry["rewards/margins"] == pytest.approx(beta * (entry["logps/chosen"] - entry["logps/rejected"]),
                                                          rel=1e-4, abs=1e-5)
         expected = math.log1p(math.exp(-(entry["rewards/margins"] - gamma)))  # −log σ(β·Δ − γ)
-        assert entry["loss"] == pytest.approx(expected, rel=1e-4)
+        assert entry["loss"] == pytest.approx(expected + alpha * entry["nll_loss"], rel=1e-4)
 
 
 def test_orpo_loss_is_trl_orpo_loss(runs):
@@ -300,10 +301,10 @@ def test_recipes_are_the_dpo_recipe_with_the_objective_swapped(method):
 
 
 def test_recipe_objective_values():
-    """The objectives' hyper-parameters the recipes state (SimPO's paper setting for base models, ORPO's and KTO's
-    defaults), not TRL's CPOConfig defaults (beta 0.1, simpo_gamma 0.5, cpo_alpha 1.0)."""
+    """The objectives' hyper-parameters the recipes state (SimPO's paper setting for base models with CPO's NLL term,
+    chosen on validation; ORPO's and KTO's defaults), not TRL's CPOConfig defaults (beta 0.1, simpo_gamma 0.5)."""
     simpo, orpo, kto = (read_recipe(RECIPES[m]) for m in NEW_METHODS)
-    assert (simpo["beta"], simpo["simpo_gamma"] / simpo["beta"], simpo["cpo_alpha"]) == (2.0, 0.5, 0.0)
+    assert (simpo["beta"], simpo["simpo_gamma"] / simpo["beta"], simpo["cpo_alpha"]) == (2.0, 0.5, 1.0)
     assert orpo["beta"] == 0.1 and "loss_type" not in orpo
     assert (kto["beta"], kto["desirable_weight"], kto["undesirable_weight"]) == (0.1, 1.0, 1.0)
 
