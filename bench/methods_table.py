@@ -304,6 +304,13 @@ def flipped(test: dict) -> dict:
     return {"a_only": test["b_only"], "b_only": test["a_only"]}
 
 
+def shown(path: str) -> str:
+    """A path as the table shows it: relative to the repository when inside it (the table is committed to docs/)."""
+    with contextlib.suppress(ValueError):
+        return str(Path(path).resolve().relative_to(ROOT))
+    return path
+
+
 def plot_point(name: str, rate: dict, kl: float | None, minutes: float | None) -> dict:
     low, high = rate["ci95"]
     return {"name": name, "rate": rate["rate"], "low": low, "high": high, "kl": kl, "minutes": minutes}
@@ -341,7 +348,7 @@ def render(runs: dict[str, list[dict]], args: argparse.Namespace, plot: Path | N
         ])
     per_run = [[r["method"], r["seed"], _rate(rep["models"]["aligned"]["rule_rate"]),
                 kl_cell(rep["models"]["aligned"].get("kl_to_reference")), f"{seconds_total(r) / 60:.1f}",
-                consumed_cell([r]), f"`{r['eval']}`"]
+                consumed_cell([r]), f"`{shown(r['eval'])}`"]
                for method, records in runs.items() for r, rep in zip(records, reports[method], strict=True)]
     seeds = [r["seed"] for r in baseline]
     if plot:
@@ -349,8 +356,8 @@ def render(runs: dict[str, list[dict]], args: argparse.Namespace, plot: Path | N
     lines = [
         "# Methods table (issue #14)",
         "",
-        f"- base model (start and reference): `{args.base_model}`; pairs and test titles: `{args.dataset}`; rule "
-        f"`{first['rule']}`",
+        f"- base model (start and reference): `{shown(args.base_model)}`; pairs and test titles: "
+        f"`{shown(args.dataset)}`; rule `{first['rule']}`",
         f"- test split: {first['titles_source']}, {args.poems_per_title} poems each, sampling seed {SAMPLING_SEED}: "
         f"the same slots for every run; training seeds {seeds}"
         + (f"; every training run with `{args.extra}`" if args.extra else ""),
