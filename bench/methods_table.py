@@ -57,6 +57,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.recipe_sweep import _num, _paired, _pct, _rate, pooled_test  # noqa: E402
 from poemdpo.data.rules import RULES  # noqa: E402
+from poemdpo.data.splits import DEFAULT_SPLITS, SplitSpec, split_flags  # noqa: E402
 from poemdpo.errors import PoemDPOError  # noqa: E402
 from poemdpo.evaluation.evaluate import EvalArguments, compare, pooled_rule_rate, run, training_log  # noqa: E402
 from poemdpo.evaluation.plots import plot_methods  # noqa: E402
@@ -189,12 +190,11 @@ def train_and_evaluate(method: str, seed: int, args: argparse.Namespace, extra: 
         common[1] = first["model"]
     if method in ON_POLICY_PAIRS:  # iterated_dpo: pairs of the dpo run's own poems, split as --dataset was
         stats = json.loads((Path(args.dataset) / "stats.json").read_text(encoding="utf-8"))
-        splits = stats.get("splits") or {}
+        splits = SplitSpec.from_dict(stats.get("splits")) or DEFAULT_SPLITS
         pairs_dir = run_dir / "pairs"
         commands.append(["build_dataset.py", "--on_policy_model", common[1], "--rule", args.rule, "--seed", str(seed),
                          "--pairing", stats["strategy"], "--near_miss_share", str(stats["near_miss_share"]),
-                         *(f for k, flag in (("validation_size", "--validation_size"), ("test_size", "--test_size"),
-                                             ("seed", "--split_seed")) if k in splits for f in (flag, str(splits[k]))),
+                         *split_flags(splits.validation_size, splits.test_size, splits.seed),
                          "--output_dir", str(pairs_dir)])
         common[3] = str(pairs_dir)
     if method == "grpo_reward_model":

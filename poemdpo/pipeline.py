@@ -36,7 +36,7 @@ from transformers import HfArgumentParser
 from poemdpo.data.corpus import DEFAULT_CORPUS
 from poemdpo.data.pairs import DEFAULT_NEAR_MISS_SHARE, DEFAULT_PAIRING, STRATEGIES
 from poemdpo.data.rules import RULES
-from poemdpo.data.splits import DEFAULT_SPLIT_SEED, DEFAULT_TEST_SIZE, DEFAULT_VALIDATION_SIZE
+from poemdpo.data.splits import DEFAULT_SPLIT_SEED, DEFAULT_TEST_SIZE, DEFAULT_VALIDATION_SIZE, split_flags
 from poemdpo.evaluation.evaluate import headline
 from poemdpo.run_info import read_run_info
 
@@ -166,8 +166,7 @@ def main(argv: list[str] | None = None) -> dict:
     seconds = {}
 
     # 1. The preference pairs, split by title.
-    splits = ["--validation_size", str(args.validation_size), "--test_size", str(args.test_size), "--split_seed",
-              str(args.split_seed)]
+    splits = split_flags(args.validation_size, args.test_size, args.split_seed)
     dataset = ["build_dataset.py", "--corpus", args.corpus, "--rule", args.rule, "--pairing", args.pairing,
                "--near_miss_share", str(args.near_miss_share), *splits]
     seconds["dataset"] = run_stage("dataset", [*dataset, "--output_dir", pairs])

@@ -57,6 +57,12 @@ class SplitSpec:
 DEFAULT_SPLITS = SplitSpec()
 
 
+def split_flags(validation_size: float, test_size: float, seed: int) -> list[str]:
+    """The command-line flags every stage's script takes for the split (build_dataset.py, train_base.py, ...): how a
+    parent process hands one split of titles to its children."""
+    return ["--validation_size", str(validation_size), "--test_size", str(test_size), "--split_seed", str(seed)]
+
+
 def title_key(title: str) -> str:
     return title.split(" ", 1)[0]
 
