@@ -63,7 +63,7 @@ from poemdpo.evaluation.evaluate import EvalArguments, compare, pooled_rule_rate
 from poemdpo.evaluation.plots import plot_methods  # noqa: E402
 from poemdpo.evaluation.tables import markdown_table  # noqa: E402
 from poemdpo.models.loading import looks_local  # noqa: E402
-from poemdpo.pipeline import METHODS, ON_POLICY_PAIRS, STARTS_FROM  # noqa: E402
+from poemdpo.pipeline import METHODS, ON_POLICY_PAIRS, STARTS_FROM, training_inputs  # noqa: E402
 from poemdpo.run_info import read_run_info  # noqa: E402
 
 BASELINE = "dpo"
@@ -181,22 +181,21 @@ def train_and_evaluate(method: str, seed: int, args: argparse.Namespace, extra: 
     run_dir.mkdir(parents=True)
     model_dir, log = run_dir / "model", run_dir / "train.log"
     script, recipe, method_args = METHODS[method]
-    common = ["--model_name_or_path", args.base_model, "--dataset_name", args.dataset, "--rule", args.rule,
-              "--seed", str(seed)]
+    model, pairs = args.base_model, args.dataset
     commands, judge_dir, first = [], None, None
     if method in STARTS_FROM:  # dpo_grpo goes on from the dpo run of the same seed (methods_of runs dpo first)
         first = json.loads((Path(args.work_dir) / STARTS_FROM[method] / f"seed_{seed}" / RUN_RECORD).read_text(
             encoding="utf-8"))
-        common[1] = first["model"]
+        model = first["model"]
     if method in ON_POLICY_PAIRS:  # iterated_dpo: pairs of the dpo run's own poems, split as --dataset was
         stats = json.loads((Path(args.dataset) / "stats.json").read_text(encoding="utf-8"))
         splits = SplitSpec.from_dict(stats.get("splits")) or DEFAULT_SPLITS
-        pairs_dir = run_dir / "pairs"
-        commands.append(["build_dataset.py", "--on_policy_model", common[1], "--rule", args.rule, "--seed", str(seed),
+        pairs = str(run_dir / "pairs")
+        commands.append(["build_dataset.py", "--on_policy_model", model, "--rule", args.rule, "--seed", str(seed),
                          "--pairing", stats["strategy"], "--near_miss_share", str(stats["near_miss_share"]),
                          *split_flags(splits.validation_size, splits.test_size, splits.seed),
-                         "--output_dir", str(pairs_dir)])
-        common[3] = str(pairs_dir)
+                         "--output_dir", pairs])
+    common = [*training_inputs(model, pairs, args.rule), "--seed", str(seed)]
     if method == "grpo_reward_model":
         judge_dir = run_dir / "judge"
         judge_script, judge_recipe, _ = METHODS[JUDGE]

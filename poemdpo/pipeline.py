@@ -119,6 +119,12 @@ class PipelineArguments:
     seeds: int = field(default=1, metadata={"help": "Sampling seeds in evaluation; counts are pooled."})
 
 
+def training_inputs(model: str, dataset: str, rule: str) -> list[str]:
+    """The flags every training script takes: the model it starts from, the pairs it reads, the rule they follow.
+    A stage that goes on from another stage's model or poems builds its own, rather than patching a list."""
+    return ["--model_name_or_path", model, "--dataset_name", dataset, "--rule", rule]
+
+
 def run_stage(name: str, command: list[str]) -> float:
     print(f"\n=== {name}: {' '.join(command)}", flush=True)
     start = time.perf_counter()
@@ -178,19 +184,19 @@ def main(argv: list[str] | None = None) -> dict:
                                                          *splits])
 
     # 3. Training: every script takes the same model, data, rule and output flags (the RL recipes name a rule).
-    common = ["--model_name_or_path", args.base_model, "--dataset_name", pairs, "--rule", args.rule]
+    model, train_pairs = args.base_model, pairs
     if args.method in STARTS_FROM:  # the first stage, as its own method runs it; the second goes on from its model
         first = STARTS_FROM[args.method]
         first_script, _, first_args = METHODS[first]
         first_dir = f"data/{first}_{args.rule}"
-        seconds[first] = run_stage(first, [first_script, *first_args, "--config", first_recipe_of(args), *common,
-                                           "--output_dir", first_dir])
-        common = ["--model_name_or_path", first_dir, *common[2:]]
+        seconds[first] = run_stage(first, [first_script, *first_args, "--config", first_recipe_of(args),
+                                           *training_inputs(model, pairs, args.rule), "--output_dir", first_dir])
+        model = first_dir
     if args.method in ON_POLICY_PAIRS:  # the second round's pairs: the first stage's poems, labelled by the rule
-        on_policy = f"{pairs}_on_policy"
-        seconds["on-policy pairs"] = run_stage("on-policy pairs", [*dataset, "--on_policy_model", first_dir,
-                                                                   "--output_dir", on_policy])
-        common = [*common[:2], "--dataset_name", on_policy, *common[4:]]
+        train_pairs = f"{pairs}_on_policy"
+        seconds["on-policy pairs"] = run_stage("on-policy pairs", [*dataset, "--on_policy_model", model,
+                                                                   "--output_dir", train_pairs])
+    common = training_inputs(model, train_pairs, args.rule)
     if args.method == "grpo_reward_model":
         reward_dir = args.reward_model or f"data/reward_model_{args.rule}"
         if not (ROOT / reward_dir / "config.json").is_file():
