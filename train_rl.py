@@ -1,7 +1,8 @@
-"""RL on the model's own poems with TRL's GRPOTrainer or RLOOTrainer (TRL 1.x has no PPOTrainer).
+"""RL on the model's own poems with TRL's GRPOTrainer, RLOOTrainer or online DPO (TRL 1.x has no PPOTrainer).
 
     python train_rl.py                                    # GRPO, the rule as reward: configs/grpo_tiny_cpu.yaml
     python train_rl.py --method rloo                      # RLOO: configs/rloo_tiny_cpu.yaml
+    python train_rl.py --method online_dpo                # online DPO: configs/online_dpo_tiny_cpu.yaml
     python train_rl.py --reward_model data/reward_five_char --output_dir data/grpo_rm_five_char   # learned judge
     python train_rl.py --config configs/grpo_tiny_cpu.yaml --beta 0.1 --max_steps 50
 
@@ -40,6 +41,7 @@ from poemdpo.training.rl import (
     completion_length,
     eos_ids,
     last_train_metrics,
+    length_setting,
     make_rule_reward,
     method_of,
     prompt_dataset,
@@ -90,7 +92,8 @@ def main(argv: list[str] | None = None):
             print(f"left out {len(titles) - len(kept)} of {len(titles)} train titles whose prompt passes "
                   f"max_prompt_tokens={script_args.max_prompt_tokens}")
         titles, prompts = kept, prompt_dataset(kept, chat)
-        args.max_completion_length = completion_length(model, longest, args.max_completion_length)
+        limit = length_setting(args)  # max_completion_length (GRPO, RLOO) or max_new_tokens (online DPO)
+        setattr(args, limit, completion_length(model, longest, getattr(args, limit)))
 
         # 4. Reward: the rule itself, or a reward model trained by train_reward.py.
         eos = eos_ids(model, tokenizer)
@@ -127,7 +130,7 @@ def main(argv: list[str] | None = None):
     if trainer.is_world_process_zero():
         throughput = trainer.completions_generated / trainer.generation_seconds if trainer.generation_seconds else 0
         print(f"{method}: {trainer.completions_generated} poems written in {trainer.generation_seconds:.1f} s of "
-              f"generation ({throughput:.1f} completions/s), max {args.max_completion_length} tokens each")
+              f"generation ({throughput:.1f} completions/s), max {getattr(args, limit)} tokens each")
         write_run_info(args.output_dir, {
             "stage": method, "base_model": model_args.model_name_or_path, "dataset": script_args.dataset_name,
             "rule": rule, "reward": script_args.reward_model or f"rule:{rule}",
@@ -135,8 +138,9 @@ def main(argv: list[str] | None = None):
             "use_peft": model_args.use_peft, "train_titles": len(titles),
             "completions": trainer.completions_generated, "generation_seconds": trainer.generation_seconds,
             "sampler": script_args.sampler,
-            **{key: getattr(args, key) for key in ("beta", "num_generations", "max_completion_length", "temperature",
-                                                   "top_k", "top_p", "learning_rate")},
+            "num_generations": getattr(args, "num_generations", 2),  # online DPO: always a pair
+            "max_completion_length": getattr(args, limit),
+            **{key: getattr(args, key) for key in ("beta", "temperature", "top_k", "top_p", "learning_rate")},
         })
         last = samples.last or (samples.sample(trainer.state.global_step) if sample_titles else {})
         write_rl_card(

@@ -12,7 +12,7 @@ pairs, as train_reward.py measured it. Every stage uses the same train / validat
     python -m poemdpo.pipeline --method dpo          # DPO alone
     python -m poemdpo.pipeline --rule seven_char     # 七言 preferred
     python -m poemdpo.pipeline --method simpo        # SimPO (also orpo, kto): the DPO recipe, the objective swapped
-    python -m poemdpo.pipeline --method grpo         # GRPO, the rule as reward
+    python -m poemdpo.pipeline --method grpo         # GRPO, the rule as reward (also rloo, online_dpo)
     python -m poemdpo.pipeline --method iterated_dpo # DPO, then DPO again on pairs of its own poems
     python -m poemdpo.pipeline --method grpo_reward_model   # a reward model (if missing), then GRPO against it
     python -m poemdpo.pipeline --method dpo --max_train_pairs 500   # the rest goes to the (last) training script
@@ -45,6 +45,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # method -> (training script, its recipe, arguments the script needs to run this method)
 METHODS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "dpo": ("train_dpo.py", "configs/dpo_tiny_cpu.yaml", ()),
+    # DPO's loss as TRL ships it, without the recipe's SFT term: what the SFT term buys
+    "dpo_sigmoid": ("train_dpo.py", "configs/dpo_tiny_cpu.yaml", ("--loss_type", "sigmoid", "--loss_weights", "1.0")),
     "chapter_unlikelihood": ("train_dpo.py", "configs/dpo_chapter_unlikelihood_cpu.yaml", ()),
     "chapter_linear": ("train_dpo.py", "configs/dpo_chapter_linear_cpu.yaml", ()),
     "simpo": ("train_dpo.py", "configs/simpo_tiny_cpu.yaml", ("--method", "simpo")),
@@ -53,6 +55,7 @@ METHODS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "reward_model": ("train_reward.py", "configs/reward_tiny_cpu.yaml", ()),
     "grpo": ("train_rl.py", "configs/grpo_tiny_cpu.yaml", ("--method", "grpo")),
     "rloo": ("train_rl.py", "configs/rloo_tiny_cpu.yaml", ("--method", "rloo")),
+    "online_dpo": ("train_rl.py", "configs/online_dpo_tiny_cpu.yaml", ("--method", "online_dpo")),
     "grpo_reward_model": ("train_rl.py", "configs/grpo_tiny_cpu.yaml", ("--method", "grpo")),
     "dpo_grpo": ("train_rl.py", "configs/grpo_after_dpo_cpu.yaml", ("--method", "grpo")),
     "iterated_dpo": ("train_dpo.py", "configs/dpo_tiny_cpu.yaml", ()),
@@ -74,12 +77,14 @@ class PipelineArguments:
         default=DEFAULT_METHOD,
         metadata={"help": "The training road. dpo_grpo (the default): DPO into data/dpo_<rule> (recipe: --dpo_config, "
                   "default DPO's), then 50 GRPO steps with the rule on that model's own poems (--config; the extra "
-                  "arguments go to this last stage); dpo: DPO alone (sigmoid + SFT); chapter_unlikelihood / "
+                  "arguments go to this last stage); dpo: DPO alone (sigmoid + SFT); dpo_sigmoid: DPO's recipe "
+                  "without its SFT term (TRL's sigmoid loss alone); chapter_unlikelihood / "
                   "chapter_linear: the chapter's objectives (a) and (b), DPO's recipe with the loss swapped; simpo / "
                   "orpo / kto: TRL's CPOTrainer (SimPO), ORPOTrainer, KTOTrainer, DPO's recipe with the objective "
                   "swapped; "
                   "reward_model: a reward model on the pairs (no policy: its held-out accuracy is the result); "
-                  "grpo / rloo: RL on the model's own poems, the rule as reward; grpo_reward_model: GRPO rewarded "
+                  "grpo / rloo: RL on the model's own poems, the rule as reward; online_dpo: TRL's online DPO, two "
+                  "poems per title, the rule picks the chosen one; grpo_reward_model: GRPO rewarded "
                   "by a reward model (trained first if --reward_model is missing); iterated_dpo: DPO, then a second "
                   "DPO round (same recipe) on pairs of the DPO model's own poems for train titles, labelled by the "
                   "rule (into <pairs_dir>_on_policy).", "choices": list(METHODS)},

@@ -136,6 +136,8 @@ def parse_training_command(command: list[str]):
     ("kto", "train_dpo.py", "configs/kto_tiny_cpu.yaml", "kto"),
     ("grpo", "train_rl.py", "configs/grpo_tiny_cpu.yaml", "grpo"),
     ("rloo", "train_rl.py", "configs/rloo_tiny_cpu.yaml", "rloo"),
+    ("online_dpo", "train_rl.py", "configs/online_dpo_tiny_cpu.yaml", "online_dpo"),
+    ("dpo_sigmoid", "train_dpo.py", "configs/dpo_tiny_cpu.yaml", None),
 ])
 def test_a_policy_method_trains_with_its_recipe_then_evaluates_its_output(stages, capsys, method, script, recipe,
                                                                           script_method):
@@ -145,6 +147,8 @@ def test_a_policy_method_trains_with_its_recipe_then_evaluates_its_output(stages
     command = stages.command(script)
     assert command[command.index("--config") + 1] == recipe
     assert command[-2:] == ["--max_steps", "3"]  # unknown arguments go to the training script, last
+    if method == "dpo_sigmoid":  # the DPO recipe with its SFT term taken out
+        assert command[1:5] == ["--loss_type", "sigmoid", "--loss_weights", "1.0"]
 
     script_args, args, model_args = parse_training_command(command)
     assert (model_args.model_name_or_path, script_args.dataset_name) == ("data/base_model", "data/pairs_seven_char")

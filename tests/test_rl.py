@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 import train_rl
 from poemdpo.data.rules import RULES, credit, preferred
 from poemdpo.models import generation
+from poemdpo.training import rl
 from poemdpo.training.reward import score
 from poemdpo.training.rl import (
     RewardModelReward,
@@ -164,6 +165,39 @@ def test_rl_with_the_rule_keeps_a_kl_penalty_and_saves_a_loadable_policy(tmp_pat
     assert f"base_model: {base_dir}" in card and f"tags: [trl, {method}" in card and "rule_reward" in card
 
 
+def test_online_dpo_pairs_two_poems_per_title_and_the_rule_reads_each_poem_to_its_eos(tmp_path, base_dir, pairs_dir,
+                                                                                    monkeypatch):
+    seen = []  # the token ids the rule was handed, poem by poem
+    spy = rl.rule_reward
+    monkeypatch.setattr(rl, "rule_reward", lambda completions, **kw: seen.extend(kw["completion_ids"]) or spy(
+        completions, **kw))
+    out = tmp_path / "online_dpo"
+    trainer = train_rl.main([
+        "--method", "online_dpo", "--model_name_or_path", base_dir, "--dataset_name", str(pairs_dir),
+        "--output_dir", str(out), "--max_steps", "3", "--per_device_train_batch_size", "4", "--max_new_tokens", "48",
+        "--learning_rate", "1e-3", "--warmup_steps", "0", "--logging_steps", "1", "--sample_titles", "3",
+        "--sample_every_steps", "2", "--sample_max_new_tokens", "24", "--save_strategy", "no", "--report_to", "none",
+    ])
+    assert type(trainer).__name__ == "PoemOnlineDPOTrainer"
+    # Two poems for each of 4 titles a step, every one scored by the rule from its own ids: a finished poem ends at
+    # its (first) eos, with none of the batch's padding after it; an unfinished one runs the full 48 tokens.
+    assert trainer.completions_generated == len(seen) == 3 * 4 * 2
+    eos = trainer.eos_token_ids
+    for ids in seen:
+        assert not any(t in eos for t in ids[:-1])
+        assert ids[-1] in eos or len(ids) == 48
+    logs = [e for e in trainer.state.log_history if "loss" in e]
+    assert len(logs) == 3 and all("objective/scores" in e and e["beta"] == trainer.beta > 0 for e in logs)
+    start = load_file(f"{base_dir}/model.safetensors")
+    reference = trainer.ref_model.state_dict()
+    assert all(torch.equal(reference[name], tensor) for name, tensor in start.items() if name in reference)
+    info = json.loads((out / "poemdpo.json").read_text(encoding="utf-8"))
+    assert info["stage"] == "online_dpo" and info["num_generations"] == 2 and info["max_completion_length"] == 48
+    card = (out / "README.md").read_text(encoding="utf-8")
+    assert "OnlineDPOTrainer" in card and '"max_new_tokens": 48' in card and "objective/scores" in card
+    AutoModelForCausalLM.from_pretrained(out)
+
+
 CHAT_TEMPLATE = (
     "{% for m in messages %}{% if m['role'] == 'user' %}<INS>{{ m['content'] }}<RES>"
     "{% else %}{{ m['content'] }}</s>{% endif %}{% endfor %}"
@@ -220,7 +254,7 @@ def test_completion_length_comes_from_the_model_and_long_titles_stay_out(base_di
     [
         (["--reward_model", "data/no_such_reward_model"],
          "reward model directory 'data/no_such_reward_model' does not exist; train one with: python train_reward.py"),
-        (["--method", "ppo"], "unknown method 'ppo': choose one of ['grpo', 'rloo'] (TRL 1.x removed PPOTrainer"),
+        (["--method", "ppo"], "unknown method 'ppo': choose one of ['grpo', 'online_dpo', 'rloo'] (TRL 1.x removed PPOTrainer"),
         (["--max_completion_length", "400"], "max_completion_length 400 does not fit"),
         (["--beta", "-0.1"], "beta must be >= 0"),
         (["--dataset_name", "data/no_such_pairs"], "dataset 'data/no_such_pairs' does not exist"),

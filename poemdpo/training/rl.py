@@ -1,10 +1,13 @@
-"""RL on the model's own poems: TRL's `GRPOTrainer` or `RLOOTrainer`, rewarded by the rule or a reward model.
+"""RL on the model's own poems: TRL's `GRPOTrainer`, `RLOOTrainer` or online DPO, rewarded by the rule or a reward
+model.
 
 The chapter's RLHF road ends in PPO. TRL 1.x removed `PPOTrainer`; what it keeps are two algorithms that drop
 PPO's value model and take the baseline from the samples themselves: for each title the policy writes K poems,
 GRPO scales each reward against its group's mean and spread, RLOO subtracts the mean of the other K−1. Both
 are held near a frozen copy of the starting model, here with β > 0 (TRL's GRPO default is β = 0, which loads
 no reference at all): GRPO adds β·KL per token to its loss, RLOO takes β·KL summed over the poem off the reward.
+Online DPO (`trl.experimental.online_dpo`) is the middle road: two poems per title, the reward picks which is
+chosen, and DPO's loss against the frozen reference does the rest — a pair every step, from the current policy.
 
 The reward is either the rule itself, a verifiable reward (`rule_reward`), or a reward model trained by
 `train_reward.py` (`RewardModelReward`), the chapter's learned judge.
@@ -22,6 +25,7 @@ from pathlib import Path
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
+from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
 
 from poemdpo.data.prompts import build_prompt, conversational, title_of
 from poemdpo.data.rules import RULES, credit, preferred
@@ -34,15 +38,19 @@ from poemdpo.training.dpo import DEFAULT_DATASET, method_named
 from poemdpo.training.model_card import card_results, prompt_section
 from poemdpo.training.reward import load_reward_model, score
 
-METHODS = {"grpo": (GRPOConfig, GRPOTrainer), "rloo": (RLOOConfig, RLOOTrainer)}
-RECIPES = {"grpo": "configs/grpo_tiny_cpu.yaml", "rloo": "configs/rloo_tiny_cpu.yaml"}
+METHODS = {"grpo": (GRPOConfig, GRPOTrainer), "rloo": (RLOOConfig, RLOOTrainer),
+           "online_dpo": (OnlineDPOConfig, OnlineDPOTrainer)}
+RECIPES = {"grpo": "configs/grpo_tiny_cpu.yaml", "rloo": "configs/rloo_tiny_cpu.yaml",
+           "online_dpo": "configs/online_dpo_tiny_cpu.yaml"}
 
 @dataclass
 class RLScriptArguments:
     method: str = field(
         default="grpo",
-        metadata={"help": "grpo (TRL's GRPOTrainer) or rloo (RLOOTrainer); TRL 1.x has no PPOTrainer. Picks the "
-                  "config class too: `--method rloo --help` lists RLOO's settings.", "choices": sorted(METHODS)},
+        metadata={"help": "grpo (TRL's GRPOTrainer), rloo (RLOOTrainer) or online_dpo (trl.experimental's "
+                  "OnlineDPOTrainer: two poems per title, the reward picks the chosen one); TRL 1.x has no "
+                  "PPOTrainer. Picks the config class too: `--method rloo --help` lists RLOO's settings.",
+                  "choices": sorted(METHODS)},
     )
     reward_model: str | None = field(
         default=None,
@@ -112,8 +120,9 @@ def method_of(argv: Sequence[str], recipe: dict) -> str:
     return method
 
 
-def check_settings(args: GRPOConfig | RLOOConfig, script_args: RLScriptArguments) -> None:
-    if args.beta < 0:
+def check_settings(args: GRPOConfig | RLOOConfig | OnlineDPOConfig, script_args: RLScriptArguments) -> None:
+    betas = args.beta if isinstance(args.beta, list) else [args.beta]  # online DPO takes one β per epoch
+    if any(beta < 0 for beta in betas):
         raise PoemDPOError(f"beta must be >= 0 (the weight of the KL penalty to the reference), got {args.beta}")
     if args.use_vllm:
         raise PoemDPOError("use_vllm: true needs a GPU and vLLM; poem-dpo's RL recipes sample with transformers")
@@ -164,6 +173,12 @@ def short_prompts(tokenizer: PreTrainedTokenizerBase, titles: Sequence[str], max
     if not kept:
         raise PoemDPOError(f"no train title has a prompt of at most max_prompt_tokens={max_tokens} tokens")
     return [title for title, _ in kept], max(n for _, n in kept)
+
+
+def length_setting(args) -> str:
+    """The config field that limits a poem's tokens: GRPO and RLOO say max_completion_length, online DPO
+    max_new_tokens."""
+    return "max_new_tokens" if isinstance(args, OnlineDPOConfig) else "max_completion_length"
 
 
 def completion_length(model, longest_prompt: int, wanted: int | None) -> int:
@@ -316,14 +331,15 @@ class _PoemRL:
         self._window = (0.0, 0)
         self.sampler = sampler  # how generate draws each token: generation.SAMPLERS
 
-    def _generate(self, prompts: list):
+    def _timed(self, poems: int, generate, *args):
+        """Run TRL's own generation with our token sampler, counting the poems and the seconds."""
         start = time.perf_counter()
         try:
             with token_sampler(self.sampler):
-                return super()._generate(prompts)
+                return generate(*args)
         finally:
             self.generation_seconds += time.perf_counter() - start
-            self.completions_generated += len(prompts)  # the sampler repeats each prompt num_generations times
+            self.completions_generated += poems
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self.model.training:
@@ -340,32 +356,54 @@ class _PoemRL:
 
 
 class PoemGRPOTrainer(_PoemRL, GRPOTrainer):
-    pass
+    def _generate(self, prompts: list):
+        return self._timed(len(prompts), super()._generate, prompts)  # TRL repeats each prompt num_generations times
 
 
 class PoemRLOOTrainer(_PoemRL, RLOOTrainer):
-    pass
+    def _generate(self, prompts: list):
+        return self._timed(len(prompts), super()._generate, prompts)
 
 
-TRAINERS = {"grpo": PoemGRPOTrainer, "rloo": PoemRLOOTrainer}
+class PoemOnlineDPOTrainer(_PoemRL, OnlineDPOTrainer):
+    """TRL's online DPO, its two poems per title drawn by our sampler and read by the reward as the poems themselves:
+    TRL hands reward functions each poem's ids padded to the longest of the batch, so a finished poem would not end
+    in its eos; they are cut after the first eos here (TRL's own `truncate_right` pads only after it).
+    A tie (both poems fully rewarded, most pairs once the policy writes the form) still becomes a pair in TRL, the
+    first poem taken as chosen: such pairs carry no preference, only noise around the reference."""
+
+    def _generate(self, model, prompts, images=None):
+        return self._timed(2 * len(prompts), super()._generate, model, prompts, images)
+
+    def _calculate_rewards_from_functions(self, prompts, completions, completion_ids_list, **reward_kwargs):
+        eos = set(self.eos_token_ids)
+        trimmed = [ids[:next((i + 1 for i, t in enumerate(ids) if t in eos), len(ids))] for ids in completion_ids_list]
+        return super()._calculate_rewards_from_functions(prompts, completions, trimmed, **reward_kwargs)
+
+
+TRAINERS = {"grpo": PoemGRPOTrainer, "rloo": PoemRLOOTrainer, "online_dpo": PoemOnlineDPOTrainer}
 
 
 # --- card ---------------------------------------------------------------------------------------------------
 
 CARD_SETTINGS = (
     "beta", "num_generations", "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate",
-    "lr_scheduler_type", "warmup_steps", "max_steps", "num_train_epochs", "max_completion_length", "temperature",
+    "lr_scheduler_type", "warmup_steps", "max_steps", "num_train_epochs", "max_completion_length", "max_new_tokens",
+    "temperature",
     "top_k", "top_p", "num_iterations", "epsilon", "loss_type", "scale_rewards", "normalize_advantages",
     "mask_truncated_completions", "bf16", "seed",
 )
 CARD_METRICS = ("reward", "reward_std", "kl", "entropy", "completions/mean_length", "completions/clipped_ratio",
-                "frac_reward_zero_std", "generation/completions_per_second")
+                "frac_reward_zero_std", "generation/completions_per_second",
+                # online DPO's names: the reward's mean and the chosen-minus-rejected gap, KL, DPO's own rewards
+                "objective/scores", "objective/scores_margin", "objective/kl", "rewards/margins",
+                "rewards/accuracies")
 
 
 def last_train_metrics(log_history: list[dict]) -> dict:
     """The newest training log entry that carries rewards."""
     for entry in reversed(log_history):
-        if "reward" in entry:
+        if "reward" in entry or "objective/scores" in entry:
             return {k: v for k, v in entry.items() if k in CARD_METRICS or k.startswith("rewards/")}
     return {}
 
