@@ -13,7 +13,9 @@ Every variant samples the same prompts (validation titles of --dataset, each --p
   static@256     the static cache, 256 at once (generation.SAMPLE_BATCH_SIZE, CACHE_IMPLEMENTATION)
   all-pinned     static@256 as it ran before generation.plain_sampling: every PLAIN_SAMPLING setting passed to
                  generate, so min_p=0.0 and min_new_tokens=0 built logits processors that change nothing
-  static@256+cdf today's default: static@256, each token drawn by inverse CDF (generation.DEFAULT_SAMPLER)
+  static@256+cdf static@256, each token drawn by inverse CDF (generation.DEFAULT_SAMPLER)
+  drop@256+cdf   256 at once, inverse CDF, decoded by generation.sample_dropping_finished: a poem leaves the batch
+                 (and the dynamic KV cache) the step it writes eos, instead of waiting for the batch's longest
 
 Reported: poems/s, generated tokens/s, and the achieved GFLOP/s of the forward passes (2 FLOPs per weight per
 generated token, the LM head included, attention left out: a lower bound) beside the fp32 matmul bound measured
@@ -37,10 +39,16 @@ from poemdpo.models import generation  # noqa: E402
 from poemdpo.models.generation import generate_samples  # noqa: E402
 from poemdpo.models.loading import load_for_inference  # noqa: E402
 
-# name -> (cache_implementation, poems at once, sampler)
-VARIANTS = {"dynamic@64": (None, 64, "multinomial"), "dynamic@256": (None, 256, "multinomial"),
-            "static@64": ("static", 64, "multinomial"), "static@256": ("static", 256, "multinomial"),
-            "all-pinned": ("static", 256, "multinomial"), "static@256+cdf": ("static", 256, "inverse_cdf")}
+# name -> generate_samples settings
+VARIANTS = {
+    "dynamic@64": {"cache_implementation": None, "batch_size": 64, "sampler": "multinomial"},
+    "dynamic@256": {"cache_implementation": None, "batch_size": 256, "sampler": "multinomial"},
+    "static@64": {"cache_implementation": "static", "batch_size": 64, "sampler": "multinomial"},
+    "static@256": {"cache_implementation": "static", "batch_size": 256, "sampler": "multinomial"},
+    "all-pinned": {"cache_implementation": "static", "batch_size": 256, "sampler": "multinomial"},
+    "static@256+cdf": {"cache_implementation": "static", "batch_size": 256, "sampler": "inverse_cdf"},
+    "drop@256+cdf": {"cache_implementation": None, "batch_size": 256, "sampler": "inverse_cdf", "drop_finished": True},
+}
 
 
 def all_pinned(model, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> dict:
@@ -83,8 +91,8 @@ def main() -> None:
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
-        cache, batch, sampler = VARIANTS[args.variants.split(",")[0]]
-        settings = {"batch_size": batch, "cache_implementation": cache, "sampler": sampler}
+        settings = VARIANTS[args.variants.split(",")[0]]
+        batch = settings["batch_size"]
         generate_samples(model, tokenizer, prompts[:batch], max_new_tokens=16, **settings)  # warm-up
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             generate_samples(model, tokenizer, prompts[:batch], max_new_tokens=60, seed=0, **settings)
@@ -93,10 +101,10 @@ def main() -> None:
     print("| variant | seconds | poems/s | tokens/s | GFLOP/s (share of bound) | unfinished |")
     print("|---|---|---|---|---|---|")
     for name in args.variants.split(","):
-        cache, batch, sampler = VARIANTS[name]
-        settings = {"batch_size": batch, "cache_implementation": cache, "sampler": sampler}
+        settings = VARIANTS[name]
         generation.plain_sampling = all_pinned if name == "all-pinned" else lean
-        generate_samples(model, tokenizer, prompts[:batch], max_new_tokens=16, **settings)  # warm-up: allocations
+        warm_up = prompts[: settings["batch_size"]]  # allocations
+        generate_samples(model, tokenizer, warm_up, max_new_tokens=16, **settings)
         start = time.perf_counter()
         samples = generate_samples(model, tokenizer, prompts, seed=0, **settings)
         seconds = time.perf_counter() - start

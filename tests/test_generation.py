@@ -18,9 +18,11 @@ from poemdpo.models.generation import (
     PLAIN_SAMPLING,
     decode_poem,
     generate_poems,
+    generate_samples,
     inverse_cdf_sample,
     plain_sampling,
     prompt_texts,
+    sample_dropping_finished,
     token_sampler,
 )
 from poemdpo.models.tokenizer import train_char_tokenizer
@@ -94,6 +96,51 @@ def test_the_static_cache_samples_the_same_poems_as_the_dynamic_one(tok):
                            for cache in ("static", None))
         assert all(len(poem) >= 5 for poem in static)  # real text, not an early eos
         assert static == dynamic
+
+
+def early_ending_lm(tok) -> LlamaForCausalLM:
+    """An untied tiny Llama that also ends a poem at a common character, so poems of one batch end at different
+    steps (a random model seldom writes eos itself)."""
+    model = tiny_lm(tok, tie=False)
+    probe = [set(tok(s.text, add_special_tokens=False)["input_ids"])
+             for s in generate_samples(model, tok, TITLES, max_new_tokens=24, do_sample=False)]
+    # A character some poems write and others do not: they end at it, the others run to the length limit.
+    some = min(set().union(*probe), key=lambda t: (abs(sum(t in p for p in probe) - len(probe) / 2), t))
+    model.generation_config.eos_token_id = [tok.eos_token_id, some]
+    return model
+
+
+def test_dropping_finished_poems_from_the_batch_writes_what_generate_writes(tok):
+    """sample_dropping_finished takes each finished poem (and its KV-cache rows) out of the batch: greedy, the
+    poems and their finished flags are generate's, for a batch whose poems end at different steps; sampled with
+    top_k=1 too (the warpers are applied)."""
+    model = early_ending_lm(tok)
+    titles = TITLES * 3
+    kept = generate_samples(model, tok, titles, max_new_tokens=24, batch_size=len(titles), do_sample=False)
+    dropped = generate_samples(model, tok, titles, max_new_tokens=24, batch_size=len(titles), do_sample=False,
+                               drop_finished=True)
+    ends = {len(s.text) for s in kept if s.finished}
+    assert len(ends) >= 2 and not all(s.finished for s in kept)  # rows left the batch at different steps
+    assert dropped == kept
+    top1 = generate_samples(model, tok, titles, max_new_tokens=24, batch_size=len(titles), top_k=1, seed=5,
+                            drop_finished=True)
+    assert top1 == kept
+
+
+def test_dropping_finished_poems_samples_the_models_probabilities(tok):
+    """The first token of 3,000 copies of one prompt at temperature 0.5, drawn by sample_dropping_finished: each
+    token's share is softmax(logits / 0.5), within 5 standard errors."""
+    model = tiny_lm(tok, tie=False)
+    ids = tok(build_prompt(TITLES[1]), return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        p = torch.softmax(model(ids).logits[0, -1].double() / 0.5, dim=-1)
+    n = 3000
+    torch.manual_seed(0)
+    with token_sampler("inverse_cdf"):
+        drawn = sample_dropping_finished(model, ids.expand(n, -1), torch.ones(n, ids.shape[1], dtype=torch.long), 1,
+                                         {tok.eos_token_id}, temperature=0.5)
+    share = torch.bincount(torch.tensor([row[0] for row in drawn]), minlength=len(p)).double() / n
+    assert torch.all((share - p).abs() <= 5 * (p * (1 - p) / n).sqrt() + 1e-9)
 
 
 def test_inverse_cdf_draws_each_token_with_its_probability_and_never_a_zero_one():

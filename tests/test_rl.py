@@ -254,7 +254,8 @@ def test_completion_length_comes_from_the_model_and_long_titles_stay_out(base_di
     [
         (["--reward_model", "data/no_such_reward_model"],
          "reward model directory 'data/no_such_reward_model' does not exist; train one with: python train_reward.py"),
-        (["--method", "ppo"], "unknown method 'ppo': choose one of ['grpo', 'online_dpo', 'rloo'] (TRL 1.x removed PPOTrainer"),
+        (["--method", "ppo"],
+         "unknown method 'ppo': choose one of ['grpo', 'online_dpo', 'rloo'] (TRL 1.x removed PPOTrainer"),
         (["--max_completion_length", "400"], "max_completion_length 400 does not fit"),
         (["--beta", "-0.1"], "beta must be >= 0"),
         (["--dataset_name", "data/no_such_pairs"], "dataset 'data/no_such_pairs' does not exist"),

@@ -8,7 +8,14 @@ from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
-from transformers import PreTrainedModel
+from transformers import (
+    DynamicCache,
+    LogitsProcessorList,
+    PreTrainedModel,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from poemdpo.data.prompts import build_prompt, conversational
 
@@ -204,6 +211,7 @@ def generate_samples(
     progress: bool = False,
     cache_implementation: str | None = CACHE_IMPLEMENTATION,
     sampler: str = DEFAULT_SAMPLER,
+    drop_finished: bool = False,
 ) -> list[Sample]:
     """One completion per title, in order: the decoded text after the prompt, cut at eos, specials stripped
     (unknown tokens read as UNKNOWN_CHARACTER), and whether it finished with eos.
@@ -223,6 +231,8 @@ def generate_samples(
     changes speed, not the distribution sampled from (a test compares the poems, greedy and seeded).
     (transformers itself falls back, with a warning, for an architecture without Cache support.) `sampler` (see
     SAMPLERS) changes how each token is drawn, not from what distribution; the poems of a seed differ between them.
+    `drop_finished` decodes with `sample_dropping_finished` instead of `generate` (a finished poem leaves the batch;
+    `cache_implementation` is then unused): the same distribution, other poems for a seed.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -268,17 +278,23 @@ def generate_samples(
                 room = max_new_tokens
                 if context is not None:
                     room = min(room, context - batch["input_ids"].shape[1])
-                output = model.generate(
-                    input_ids=batch["input_ids"],
-                    attention_mask=batch["attention_mask"],
-                    do_sample=do_sample,
-                    max_new_tokens=room,
-                    pad_token_id=pad_id,
-                    eos_token_id=sorted(eos_ids) or None,
-                    **cache_setting,
-                    **sampling,
-                )
-                for i, row in zip(rows, output[:, batch["input_ids"].shape[1] :].tolist(), strict=True):
+                if drop_finished:
+                    new_tokens = sample_dropping_finished(
+                        model, batch["input_ids"], batch["attention_mask"], room, eos_ids, do_sample=do_sample,
+                        temperature=temperature, top_k=top_k, top_p=top_p)
+                else:
+                    output = model.generate(
+                        input_ids=batch["input_ids"],
+                        attention_mask=batch["attention_mask"],
+                        do_sample=do_sample,
+                        max_new_tokens=room,
+                        pad_token_id=pad_id,
+                        eos_token_id=sorted(eos_ids) or None,
+                        **cache_setting,
+                        **sampling,
+                    )
+                    new_tokens = output[:, batch["input_ids"].shape[1] :].tolist()
+                for i, row in zip(rows, new_tokens, strict=True):
                     # generate pads a finished row with pad (often = eos); cut at the first eos explicitly.
                     cut = next((j for j, t in enumerate(row) if t in eos_ids), None)
                     poems[i] = Sample(decode_poem(tokenizer, row[:cut]), finished=cut is not None)
@@ -286,6 +302,54 @@ def generate_samples(
         tokenizer.padding_side = padding_side
         model.train(was_training)
     return poems
+
+
+@torch.no_grad()
+def sample_dropping_finished(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
+                             eos_ids: set[int], *, do_sample: bool = True, temperature: float = 1.0, top_k: int = 0,
+                             top_p: float = 1.0) -> list[list[int]]:
+    """The new tokens of each left-padded prompt, up to and including its eos: `generate`'s plain sampling loop,
+    except that a poem leaves the batch (and its rows of the KV cache, `DynamicCache.batch_select_indices`) the step
+    it writes eos. `generate` keeps every finished poem in the batch until the longest ends: the evaluation's poems
+    average ~50 tokens, and one run-on poem in a batch makes the whole batch decode to the length limit.
+
+    Each poem's computation is its own row, so the distribution is generate's (the logits go through transformers'
+    own temperature / top-k / top-p warpers, each token is drawn by `torch.multinomial`, which `token_sampler`
+    routes); the tokens of a seed differ, as the draws of a shrinking batch fall to other rows."""
+    warpers = LogitsProcessorList()
+    if do_sample and temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(temperature))
+    if do_sample and top_k:
+        warpers.append(TopKLogitsWarper(top_k))
+    if do_sample and top_p < 1.0:
+        warpers.append(TopPLogitsWarper(top_p))
+    tokens: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
+    alive = torch.arange(input_ids.shape[0], device=input_ids.device)
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)
+    cache = DynamicCache(config=model.config)
+    ids, mask = input_ids, attention_mask
+    eos = torch.tensor(sorted(eos_ids), device=input_ids.device)
+    for _ in range(max_new_tokens):
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                       use_cache=True, logits_to_keep=1).logits[:, -1, :].float()
+        if do_sample:
+            scores = warpers(ids, logits)
+            next_tokens = torch.multinomial(torch.softmax(scores, dim=-1), 1).squeeze(1)
+        else:
+            next_tokens = logits.argmax(dim=-1)
+        for row, token in zip(alive.tolist(), next_tokens.tolist(), strict=True):
+            tokens[row].append(token)
+        going = ~torch.isin(next_tokens, eos)
+        if not bool(going.any()):
+            break
+        if not bool(going.all()):
+            keep = going.nonzero().squeeze(1)
+            cache.batch_select_indices(keep)
+            alive, mask, positions, next_tokens = alive[keep], mask[keep], positions[keep], next_tokens[keep]
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        positions = positions[:, -1:] + 1
+        ids = next_tokens.unsqueeze(1)
+    return tokens
 
 
 def default_max_new_tokens(model: PreTrainedModel, wanted: int | None = None) -> int:
