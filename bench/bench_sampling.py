@@ -16,6 +16,7 @@ Every variant samples the same prompts (validation titles of --dataset, each --p
   static@256+cdf static@256, each token drawn by inverse CDF (generation.DEFAULT_SAMPLER)
   drop@256+cdf   256 at once, inverse CDF, decoded by generation.sample_dropping_finished: a poem leaves the batch
                  (and the dynamic KV cache) the step it writes eos, instead of waiting for the batch's longest
+                 (slower here: docs/throughput.md)
 
 Reported: poems/s, generated tokens/s, and the achieved GFLOP/s of the forward passes (2 FLOPs per weight per
 generated token, the LM head included, attention left out: a lower bound) beside the fp32 matmul bound measured
