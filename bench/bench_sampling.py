@@ -14,9 +14,8 @@ Every variant samples the same prompts (validation titles of --dataset, each --p
   all-pinned     static@256 as it ran before generation.plain_sampling: every PLAIN_SAMPLING setting passed to
                  generate, so min_p=0.0 and min_new_tokens=0 built logits processors that change nothing
   static@256+cdf static@256, each token drawn by inverse CDF (generation.DEFAULT_SAMPLER)
-  drop@256+cdf   256 at once, inverse CDF, decoded by generation.sample_dropping_finished: a poem leaves the batch
-                 (and the dynamic KV cache) the step it writes eos, instead of waiting for the batch's longest
-                 (slower here: docs/throughput.md)
+  drop@256+cdf   today's default: 256 at once, inverse CDF, decoded by generation.sample_dropping_finished (a static
+                 KV cache; finished poems leave the batch instead of waiting for the batch's longest)
 
 Reported: poems/s, generated tokens/s, and the achieved GFLOP/s of the forward passes (2 FLOPs per weight per
 generated token, the LM head included, attention left out: a lower bound) beside the fp32 matmul bound measured
@@ -41,14 +40,15 @@ from poemdpo.models.generation import generate_samples  # noqa: E402
 from poemdpo.models.loading import load_for_inference  # noqa: E402
 
 # name -> generate_samples settings
+GENERATE = {"drop_finished": False}  # transformers' generate, every finished poem kept until the batch's longest ends
 VARIANTS = {
-    "dynamic@64": {"cache_implementation": None, "batch_size": 64, "sampler": "multinomial"},
-    "dynamic@256": {"cache_implementation": None, "batch_size": 256, "sampler": "multinomial"},
-    "static@64": {"cache_implementation": "static", "batch_size": 64, "sampler": "multinomial"},
-    "static@256": {"cache_implementation": "static", "batch_size": 256, "sampler": "multinomial"},
-    "all-pinned": {"cache_implementation": "static", "batch_size": 256, "sampler": "multinomial"},
-    "static@256+cdf": {"cache_implementation": "static", "batch_size": 256, "sampler": "inverse_cdf"},
-    "drop@256+cdf": {"cache_implementation": None, "batch_size": 256, "sampler": "inverse_cdf", "drop_finished": True},
+    "dynamic@64": {**GENERATE, "cache_implementation": None, "batch_size": 64, "sampler": "multinomial"},
+    "dynamic@256": {**GENERATE, "cache_implementation": None, "batch_size": 256, "sampler": "multinomial"},
+    "static@64": {**GENERATE, "cache_implementation": "static", "batch_size": 64, "sampler": "multinomial"},
+    "static@256": {**GENERATE, "cache_implementation": "static", "batch_size": 256, "sampler": "multinomial"},
+    "all-pinned": {**GENERATE, "cache_implementation": "static", "batch_size": 256, "sampler": "multinomial"},
+    "static@256+cdf": {**GENERATE, "cache_implementation": "static", "batch_size": 256, "sampler": "inverse_cdf"},
+    "drop@256+cdf": {"drop_finished": True, "batch_size": 256, "sampler": "inverse_cdf"},
 }
 
 

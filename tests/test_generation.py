@@ -92,7 +92,8 @@ def test_the_static_cache_samples_the_same_poems_as_the_dynamic_one(tok):
     model = tiny_lm(tok, tie=False)
     for do_sample in (False, True):
         static, dynamic = (generate_poems(model, tok, TITLES * 3, max_new_tokens=24, batch_size=len(TITLES) * 3,
-                                          do_sample=do_sample, seed=3, cache_implementation=cache)
+                                          do_sample=do_sample, seed=3, cache_implementation=cache,
+                                          drop_finished=False)
                            for cache in ("static", None))
         assert all(len(poem) >= 5 for poem in static)  # real text, not an early eos
         assert static == dynamic
@@ -110,17 +111,21 @@ def early_ending_lm(tok) -> LlamaForCausalLM:
     return model
 
 
-def test_dropping_finished_poems_from_the_batch_writes_what_generate_writes(tok):
-    """sample_dropping_finished takes each finished poem (and its KV-cache rows) out of the batch: greedy, the
-    poems and their finished flags are generate's, for a batch whose poems end at different steps; sampled with
-    top_k=1 too (the warpers are applied)."""
+def test_dropping_finished_poems_from_the_batch_writes_what_generate_writes(tok, monkeypatch):
+    """sample_dropping_finished cuts finished poems out of the batch and its KV cache: greedy, the poems and their
+    finished flags are generate's, for a batch of distinct titles whose poems end at different steps, with the
+    batch cut while poems are still being written; sampled with top_k=1 too (the warpers are applied)."""
     model = early_ending_lm(tok)
-    titles = TITLES * 3
-    kept = generate_samples(model, tok, titles, max_new_tokens=24, batch_size=len(titles), do_sample=False)
+    titles = [a + b for a in TITLES for b in TITLES]  # 25 distinct prompts: a row kept by mistake would show
+    cuts = []
+    keep_rows = generation._keep_rows
+    monkeypatch.setattr(generation, "_keep_rows", lambda cache, keep: cuts.append(len(keep)) or keep_rows(cache, keep))
+    kept = generate_samples(model, tok, titles, max_new_tokens=24, batch_size=len(titles), do_sample=False,
+                            drop_finished=False)
     dropped = generate_samples(model, tok, titles, max_new_tokens=24, batch_size=len(titles), do_sample=False,
                                drop_finished=True)
-    ends = {len(s.text) for s in kept if s.finished}
-    assert len(ends) >= 2 and not all(s.finished for s in kept)  # rows left the batch at different steps
+    assert len({len(s.text) for s in kept if s.finished}) >= 2 and not all(s.finished for s in kept)
+    assert cuts and min(cuts) < len(titles)  # the batch was cut, and decoding went on after it
     assert dropped == kept
     top1 = generate_samples(model, tok, titles, max_new_tokens=24, batch_size=len(titles), top_k=1, seed=5,
                             drop_finished=True)
@@ -213,11 +218,12 @@ def test_generate_poems_draws_with_the_sampler_it_is_given(tok, model, monkeypat
 def test_plain_sampling_pins_only_what_the_model_sets_otherwise_and_the_poems_stay_the_same(tok, monkeypatch):
     model = tiny_lm(tok, tie=False)
     assert plain_sampling(model, 0.7) == {"temperature": 0.7, "top_k": 0, "top_p": 1.0}
-    leaner = generate_poems(model, tok, TITLES * 2, max_new_tokens=24, seed=5)
+    # (generate's path; the default, sample_dropping_finished, applies only temperature, top_k and top_p)
+    leaner = generate_poems(model, tok, TITLES * 2, max_new_tokens=24, seed=5, drop_finished=False)
     # Every setting passed at its neutral value, as before: the same poems, only slower.
     monkeypatch.setattr(generation, "plain_sampling", lambda m, t, k, p: {**PLAIN_SAMPLING, "temperature": t,
                                                                          "top_k": k, "top_p": p})
-    assert generate_poems(model, tok, TITLES * 2, max_new_tokens=24, seed=5) == leaner
+    assert generate_poems(model, tok, TITLES * 2, max_new_tokens=24, seed=5, drop_finished=False) == leaner
     # A Hub chat model's own settings are still overridden.
     model.generation_config.update(repetition_penalty=1.1, min_p=0.05, top_k=20)
     assert plain_sampling(model) == {"repetition_penalty": 1.0, "min_p": 0.0, "temperature": 1.0, "top_k": 0,
@@ -235,7 +241,8 @@ def test_restores_train_mode_and_padding_side(tok, model):
 
 
 class ScriptedLM(torch.nn.Module):
-    """Stands in for a model: `generate` appends a fixed continuation, so the cut at eos can be checked."""
+    """Stands in for a model: `generate` appends a fixed continuation, so the cut at eos can be checked (on
+    generate's path: `drop_finished=False`)."""
 
     def __init__(self, continuation: list[int]):
         super().__init__()
@@ -252,9 +259,9 @@ class ScriptedLM(torch.nn.Module):
 def test_cuts_at_the_first_eos_and_strips_specials(tok):
     ids = tok.convert_tokens_to_ids
     fake = ScriptedLM([ids("山"), ids("<RES>"), ids("水"), tok.eos_token_id, ids("月"), tok.pad_token_id])
-    assert generate_poems(fake, tok, ["月", "送君"]) == ["山水", "山水"]
+    assert generate_poems(fake, tok, ["月", "送君"], drop_finished=False) == ["山水", "山水"]
     assert fake.seen_kwargs["top_k"] == 0 and fake.seen_kwargs["temperature"] == 1.0
-    generate_poems(fake, tok, ["月"], do_sample=False)
+    generate_poems(fake, tok, ["月"], do_sample=False, drop_finished=False)
     assert "temperature" not in fake.seen_kwargs and fake.seen_kwargs["do_sample"] is False
 
 
@@ -276,15 +283,15 @@ def test_poems_fit_the_context_and_a_long_title_shortens_only_its_own_batch(tok)
     titles = ["月", "長" * 40, "送君", "山中"]
     width = {t: len(tok(build_prompt(t))["input_ids"]) for t in titles}
     fake = ContextLM([tok.eos_token_id], context=width["長" * 40] + 10)
-    assert generate_poems(fake, tok, titles, batch_size=2) == [""] * 4
+    assert generate_poems(fake, tok, titles, batch_size=2, drop_finished=False) == [""] * 4
     # Batched by prompt length: 月 with 送君, 山中 with the long title, which alone gets the short limit.
     assert sorted(fake.calls) == sorted(
         [(width["送君"], min(200, fake.config.max_position_embeddings - width["送君"])), (width["長" * 40], 10)]
     )
     # Without a context, the generation config's limit; an explicit limit wins.
     fake = ContextLM([tok.eos_token_id], context=10_000, max_new_tokens=77)
-    generate_poems(fake, tok, ["月"])
-    generate_poems(fake, tok, ["月"], max_new_tokens=5)
+    generate_poems(fake, tok, ["月"], drop_finished=False)
+    generate_poems(fake, tok, ["月"], max_new_tokens=5, drop_finished=False)
     assert [limit for _, limit in fake.calls] == [77, 5]
 
 
@@ -292,7 +299,7 @@ def test_a_prompt_that_fills_the_context_is_a_clear_error(tok):
     long_title = "長" * 40
     fake = ContextLM([tok.eos_token_id], context=len(tok(build_prompt(long_title))["input_ids"]))
     with pytest.raises(ValueError, match=f"{long_title}.*no room.*max_position_embeddings="):
-        generate_poems(fake, tok, ["月", long_title], batch_size=1)
+        generate_poems(fake, tok, ["月", long_title], batch_size=1, drop_finished=False)
     assert fake.calls == []  # refused before sampling any batch
 
 
@@ -300,7 +307,7 @@ def test_an_unknown_token_keeps_its_place_in_the_line(tok):
     """A rare character the vocabulary lacks is still a character of the line: 5 tokens, 5 characters."""
     ids = tok.convert_tokens_to_ids
     line = [ids("山"), tok.unk_token_id, ids("水"), ids("風"), ids("月"), ids("。")]
-    assert generate_poems(ScriptedLM([*line, tok.eos_token_id]), tok, ["月"]) == ["山□水風月。"]
+    assert generate_poems(ScriptedLM([*line, tok.eos_token_id]), tok, ["月"], drop_finished=False) == ["山□水風月。"]
     assert decode_poem(tok, [tok.unk_token_id, ids("<RES>"), tok.unk_token_id]) == "□□"
 
 

@@ -49,6 +49,7 @@ from poemdpo.evaluation.plots import plot_form_distribution, plot_training_rewar
 from poemdpo.evaluation.tables import markdown_table
 from poemdpo.models.generation import (
     DEFAULT_SAMPLER,
+    DROP_FINISHED,
     SAMPLE_BATCH_SIZE,
     SAMPLERS,
     default_max_new_tokens,
@@ -110,6 +111,12 @@ class EvalArguments:
         default=DEFAULT_SAMPLER,
         metadata={"help": "How each token is drawn: inverse_cdf (fast here) or multinomial (torch.multinomial, as "
                   "transformers draws). The same distribution; different poems for a seed.", "choices": list(SAMPLERS)},
+    )
+    drop_finished: bool = field(
+        default=DROP_FINISHED,
+        metadata={"help": "Finished poems leave the sampling batch (faster); false: transformers' generate, which "
+                  "keeps them until the batch's longest poem ends, as figures before 2026-11-28 were sampled. The "
+                  "same distribution; different poems for a seed."},
     )
     batch_size: int = field(default=64, metadata={"help": "Batch size for scoring (loss per character, rewards)."})
     sample_batch_size: int = field(
@@ -390,6 +397,7 @@ def markdown_report(report: dict) -> str:
         f"- titles: {report['titles_source']}; {settings['poems_per_title']} poems per title and seed, seeds "
         f"{report['seeds']}, temperature {settings['temperature']}, plain sampling (no top-k/top-p/penalties; "
         f"tokens drawn by {settings.get('sampler', 'multinomial')}"
+        + ("; finished poems leave the batch" if settings.get("drop_finished") else "")
         + (f"; overrode the models' own {report['overridden_settings']}" if report["overridden_settings"] else "")
         + ")",
         f"- a poem counts only if it finished (eos), has an even number ≥ 2 of lines and meets `{rule}`",
@@ -458,6 +466,7 @@ def sample_records(model, tokenizer, titles: list[str], forms: dict[str, str], a
         samples = generate_samples(
             model, tokenizer, prompts, temperature=args.temperature, max_new_tokens=max_new_tokens,
             batch_size=args.sample_batch_size, seed=seed, progress=True, sampler=args.sampler,
+            drop_finished=args.drop_finished,
         )
         for i, (title, sample) in enumerate(zip(prompts, samples, strict=True)):
             records.append({
@@ -528,7 +537,8 @@ def run(args: EvalArguments) -> dict:
         max_new_tokens = default_max_new_tokens(model, args.max_new_tokens)
         records[name] = sample_records(model, tokenizer, titles, forms, args, rule, seeds, max_new_tokens)
         chapter[name] = generate_samples(model, tokenizer, list(CHAPTER_TITLES), temperature=args.temperature,
-                                         max_new_tokens=max_new_tokens, seed=seeds[0], sampler=args.sampler)
+                                         max_new_tokens=max_new_tokens, seed=seeds[0], sampler=args.sampler,
+                                         drop_finished=args.drop_finished)
         models[name] = (
             sample_metrics(records[name], rule, by_form=not args.titles)
             | {"prosody": prosody_metrics(records[name])}

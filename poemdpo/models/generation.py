@@ -9,9 +9,9 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 from transformers import (
-    DynamicCache,
     LogitsProcessorList,
     PreTrainedModel,
+    StaticCache,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
@@ -26,6 +26,10 @@ DEFAULT_MAX_NEW_TOKENS = 128
 # 5.5 poems/s); with the static cache, 7.6 poems/s (`bench/bench_sampling.py --threads 1`, the base model).
 SAMPLE_BATCH_SIZE = 256
 CACHE_IMPLEMENTATION = "static"
+# Decode with sample_dropping_finished (finished poems leave the batch) rather than generate: 1.6-1.7x the poems/s
+# of the evaluation's sampling here (bench/bench_sampling.py, drop@256+cdf), the same distribution, other poems for a
+# seed. False: transformers' generate, as every figure before 2026-11-28 was sampled.
+DROP_FINISHED = True
 # How an unknown token reads in a sampled poem: the mark texts use for a missing character. Skipped like the
 # other special tokens, a line of five tokens with one rare character would count as a four-character line.
 UNKNOWN_CHARACTER = "□"
@@ -211,7 +215,7 @@ def generate_samples(
     progress: bool = False,
     cache_implementation: str | None = CACHE_IMPLEMENTATION,
     sampler: str = DEFAULT_SAMPLER,
-    drop_finished: bool = False,
+    drop_finished: bool = DROP_FINISHED,
 ) -> list[Sample]:
     """One completion per title, in order: the decoded text after the prompt, cut at eos, specials stripped
     (unknown tokens read as UNKNOWN_CHARACTER), and whether it finished with eos.
@@ -231,8 +235,9 @@ def generate_samples(
     changes speed, not the distribution sampled from (a test compares the poems, greedy and seeded).
     (transformers itself falls back, with a warning, for an architecture without Cache support.) `sampler` (see
     SAMPLERS) changes how each token is drawn, not from what distribution; the poems of a seed differ between them.
-    `drop_finished` decodes with `sample_dropping_finished` instead of `generate` (a finished poem leaves the batch;
-    `cache_implementation` is then unused): the same distribution, other poems for a seed, and slower here.
+    `drop_finished` (the default) decodes with `sample_dropping_finished` instead of `generate`: finished poems
+    leave the batch, and `cache_implementation` (generate's) is unused. The same distribution, other poems for a
+    seed.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -304,22 +309,27 @@ def generate_samples(
     return poems
 
 
+def _keep_rows(cache: StaticCache, keep: torch.Tensor) -> None:
+    """Shrink a static KV cache to the batch rows `keep` (transformers' static layers have no batch_select_indices)."""
+    for layer in cache.layers:
+        if getattr(layer, "keys", None) is not None:
+            layer.keys, layer.values = layer.keys[keep], layer.values[keep]
+            layer.batch_size = len(keep)
+
+
 @torch.no_grad()
 def sample_dropping_finished(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
                              eos_ids: set[int], *, do_sample: bool = True, temperature: float = 1.0, top_k: int = 0,
-                             top_p: float = 1.0) -> list[list[int]]:
-    """The new tokens of each left-padded prompt, up to and including its eos: `generate`'s plain sampling loop,
-    except that a poem leaves the batch (and its rows of the KV cache, `DynamicCache.batch_select_indices`) the step
-    it writes eos. `generate` keeps every finished poem in the batch until the longest ends: the evaluation's poems
-    average ~50 tokens, and one run-on poem in a batch makes the whole batch decode to the length limit.
+                             top_p: float = 1.0, shrink_at: float = 0.75) -> list[list[int]]:
+    """The new tokens of each left-padded prompt, up to and including its eos: `generate`'s plain sampling loop on a
+    static KV cache, except that finished poems leave the batch. `generate` keeps every finished poem in the batch
+    until the longest ends: the evaluation's poems average ~50 tokens, and one run-on poem in a batch makes the
+    whole batch decode to the length limit. Here, once the unfinished poems are at most `shrink_at` of the batch,
+    the batch and the cache are cut to them (a copy of the cache, so not at every step).
 
     Each poem's computation is its own row, so the distribution is generate's (the logits go through transformers'
     own temperature / top-k / top-p warpers, each token is drawn by `torch.multinomial`, which `token_sampler`
-    routes); the tokens of a seed differ, as the draws of a shrinking batch fall to other rows.
-
-    Not the default: measured slower here (`bench/bench_sampling.py --variants static@256+cdf,drop@256+cdf`: 26.0 s
-    against 13.4 s for 512 poems of the base model, 10.0 against 7.8 s of an aligned one). The dynamic cache it
-    needs concatenates every layer's keys and values at every step, which costs more than the finished rows save."""
+    routes); the tokens of a seed differ, as the draws of a shrinking batch fall to other rows."""
     warpers = LogitsProcessorList()
     if do_sample and temperature != 1.0:
         warpers.append(TemperatureLogitsWarper(temperature))
@@ -328,28 +338,31 @@ def sample_dropping_finished(model, input_ids: torch.Tensor, attention_mask: tor
     if do_sample and top_p < 1.0:
         warpers.append(TopPLogitsWarper(top_p))
     tokens: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
-    alive = torch.arange(input_ids.shape[0], device=input_ids.device)
+    poem_of_row = torch.arange(input_ids.shape[0], device=input_ids.device)
+    finished = torch.zeros_like(poem_of_row, dtype=torch.bool)
     positions = (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)
-    cache = DynamicCache(config=model.config)
+    cache = StaticCache(config=model.config, max_cache_len=input_ids.shape[1] + max_new_tokens)
     ids, mask = input_ids, attention_mask
     eos = torch.tensor(sorted(eos_ids), device=input_ids.device)
     for _ in range(max_new_tokens):
         logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                       use_cache=True, logits_to_keep=1).logits[:, -1, :].float()
+                       use_cache=True).logits[:, -1, :].float()
         if do_sample:
-            scores = warpers(ids, logits)
-            next_tokens = torch.multinomial(torch.softmax(scores, dim=-1), 1).squeeze(1)
+            next_tokens = torch.multinomial(torch.softmax(warpers(ids, logits), dim=-1), 1).squeeze(1)
         else:
             next_tokens = logits.argmax(dim=-1)
-        for row, token in zip(alive.tolist(), next_tokens.tolist(), strict=True):
-            tokens[row].append(token)
-        going = ~torch.isin(next_tokens, eos)
-        if not bool(going.any()):
+        writing = (~finished).nonzero().squeeze(1)
+        for poem, token in zip(poem_of_row[writing].tolist(), next_tokens[writing].tolist(), strict=True):
+            tokens[poem].append(token)
+        finished |= torch.isin(next_tokens, eos)
+        unfinished = int((~finished).sum())
+        if unfinished == 0:
             break
-        if not bool(going.all()):
-            keep = going.nonzero().squeeze(1)
-            cache.batch_select_indices(keep)
-            alive, mask, positions, next_tokens = alive[keep], mask[keep], positions[keep], next_tokens[keep]
+        if unfinished <= shrink_at * len(finished):
+            keep = (~finished).nonzero().squeeze(1)
+            _keep_rows(cache, keep)
+            poem_of_row, finished, mask, positions, next_tokens = (
+                poem_of_row[keep], finished[keep], mask[keep], positions[keep], next_tokens[keep])
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
         positions = positions[:, -1:] + 1
         ids = next_tokens.unsqueeze(1)
