@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None):
                   f"max_prompt_tokens={script_args.max_prompt_tokens}")
         titles, prompts = kept, prompt_dataset(kept, chat)
         limit = length_setting(args)  # max_completion_length (GRPO, RLOO) or max_new_tokens (online DPO)
-        setattr(args, limit, completion_length(model, longest, getattr(args, limit)))
+        setattr(args, limit, completion_length(model, longest, getattr(args, limit), limit))
 
         # 4. Reward: the rule itself, or a reward model trained by train_reward.py.
         eos = eos_ids(model, tokenizer)

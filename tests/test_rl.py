@@ -267,6 +267,13 @@ def test_bad_input_is_one_clear_sentence(tmp_path, base_dir, pairs_dir, capsys, 
     assert message in capsys.readouterr().err
 
 
+def test_a_poem_length_that_does_not_fit_names_the_methods_own_setting(tmp_path, base_dir, pairs_dir, capsys):
+    with pytest.raises(SystemExit):
+        train_rl.main(["--method", "online_dpo", "--model_name_or_path", base_dir, "--dataset_name", str(pairs_dir),
+                       "--output_dir", str(tmp_path / "out"), "--max_new_tokens", "400", "--report_to", "none"])
+    assert "max_new_tokens 400 does not fit" in capsys.readouterr().err
+
+
 def test_a_causal_lm_is_not_taken_for_a_reward_model(tmp_path, base_dir, pairs_dir, capsys):
     with pytest.raises(SystemExit):
         run(tmp_path / "out", base_dir, pairs_dir, "grpo", "--reward_model", base_dir)

@@ -181,9 +181,10 @@ def length_setting(args) -> str:
     return "max_new_tokens" if isinstance(args, OnlineDPOConfig) else "max_completion_length"
 
 
-def completion_length(model, longest_prompt: int, wanted: int | None) -> int:
+def completion_length(model, longest_prompt: int, wanted: int | None, setting: str = "max_completion_length") -> int:
     """The longest poem RL may write: as evaluate.py, the model's `generation_config.max_new_tokens` (else 128),
-    within its context after the longest prompt. A `wanted` length that does not fit stops the run."""
+    within its context after the longest prompt. A `wanted` length that does not fit stops the run, naming the
+    trainer's own `setting` (`length_setting`)."""
     length = default_max_new_tokens(model, wanted)
     context = getattr(model.config, "max_position_embeddings", None)
     if context is None:
@@ -193,7 +194,7 @@ def completion_length(model, longest_prompt: int, wanted: int | None) -> int:
         raise PoemDPOError(f"a train prompt takes {longest_prompt} tokens, the whole context ({context}) of the model")
     if wanted is not None and wanted > room:
         raise PoemDPOError(
-            f"max_completion_length {wanted} does not fit: the longest train prompt takes {longest_prompt} of the "
+            f"{setting} {wanted} does not fit: the longest train prompt takes {longest_prompt} of the "
             f"model's {context} positions, leaving {room}; set at most {room} (or lower max_prompt_tokens), or leave "
             "it unset"
         )
