@@ -283,16 +283,17 @@ def ours_argv(model_dir: str, dataset_dir: str, n_pairs: int, batch_size: int, m
 
 def run_ours(model_dir: str, dataset_dir: str, n_pairs: int, batch_size: int, max_length: int, warmup: int) -> dict:
     import train_dpo
+    from poemdpo.training import methods
 
-    original = train_dpo.PoemDPOTrainer
+    original = methods.trainer_class  # what train_dpo's build_trainer instantiates for dpo
     try:
         for pairs in (warmup * batch_size, n_pairs):  # an untimed warm-up run, then the timed one
             clock = Clock()
-            train_dpo.PoemDPOTrainer = timed(original, clock)
+            methods.trainer_class = lambda loss_types, clock=clock: timed(original(loss_types), clock)
             with tempfile.TemporaryDirectory() as out:
                 trainer = train_dpo.main(ours_argv(model_dir, dataset_dir, pairs, batch_size, max_length, out))
     finally:
-        train_dpo.PoemDPOTrainer = original
+        methods.trainer_class = original
     result = window(clock.start, clock.times, clock.tokens, batch_size, extra_seconds=trainer.precompute_seconds)
     return {**result, "precompute_seconds": trainer.precompute_seconds}
 

@@ -14,17 +14,21 @@ Every variant samples the same prompts (validation titles of --dataset, each --p
   all-pinned     static@256 as it ran before generation.plain_sampling: every PLAIN_SAMPLING setting passed to
                  generate, so min_p=0.0 and min_new_tokens=0 built logits processors that change nothing
   static@256+cdf static@256, each token drawn by inverse CDF (generation.DEFAULT_SAMPLER)
-  drop@256+cdf   today's default: 256 at once, inverse CDF, decoded by generation.sample_dropping_finished (a static
-                 KV cache; finished poems leave the batch instead of waiting for the batch's longest)
+  drop@256+cdf   256 at once, inverse CDF, decoded by generation.sample_dropping_finished (a static KV cache;
+                 finished poems leave the batch instead of waiting for the batch's longest), the cache full-length
+  drop@B+cdf+growC  the same, B poems at once, the cache C positions past the prompts, grown by C when full
+                 (generation.CACHE_CHUNK)
 
 Reported: poems/s, generated tokens/s, and the achieved GFLOP/s of the forward passes (2 FLOPs per weight per
 generated token, the LM head included, attention left out: a lower bound) beside the fp32 matmul bound measured
-in the same process (a 2048x2048 matmul). Prints figures only; asserts nothing.
+in the same process (a 2048x2048 matmul), and the process's peak RSS so far (run one variant per process to read
+each variant's own). Prints figures only; asserts nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import resource
 import sys
 import time
 from pathlib import Path
@@ -48,7 +52,11 @@ VARIANTS = {
     "static@256": {**GENERATE, "cache_implementation": "static", "batch_size": 256, "sampler": "multinomial"},
     "all-pinned": {**GENERATE, "cache_implementation": "static", "batch_size": 256, "sampler": "multinomial"},
     "static@256+cdf": {**GENERATE, "cache_implementation": "static", "batch_size": 256, "sampler": "inverse_cdf"},
-    "drop@256+cdf": {"drop_finished": True, "batch_size": 256, "sampler": "inverse_cdf"},
+    "drop@256+cdf": {"drop_finished": True, "batch_size": 256, "sampler": "inverse_cdf", "cache_chunk": None},
+    "drop@256+cdf+grow32": {"drop_finished": True, "batch_size": 256, "sampler": "inverse_cdf", "cache_chunk": 32},
+    "drop@256+cdf+grow64": {"drop_finished": True, "batch_size": 256, "sampler": "inverse_cdf", "cache_chunk": 64},
+    "drop@512+cdf+grow32": {"drop_finished": True, "batch_size": 512, "sampler": "inverse_cdf", "cache_chunk": 32},
+    "drop@1024+cdf+grow32": {"drop_finished": True, "batch_size": 1024, "sampler": "inverse_cdf", "cache_chunk": 32},
 }
 
 
@@ -99,8 +107,8 @@ def main() -> None:
             generate_samples(model, tokenizer, prompts[:batch], max_new_tokens=60, seed=0, **settings)
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
         return
-    print("| variant | seconds | poems/s | tokens/s | GFLOP/s (share of bound) | unfinished |")
-    print("|---|---|---|---|---|---|")
+    print("| variant | seconds | poems/s | tokens/s | GFLOP/s (share of bound) | unfinished | peak RSS MB so far |")
+    print("|---|---|---|---|---|---|---|")
     for name in args.variants.split(","):
         settings = VARIANTS[name]
         generation.plain_sampling = all_pinned if name == "all-pinned" else lean
@@ -112,7 +120,8 @@ def main() -> None:
         tokens = sum(len(tokenizer(s.text, add_special_tokens=False)["input_ids"]) + s.finished for s in samples)
         gflops = 2 * weights * tokens / seconds / 1e9
         print(f"| {name} | {seconds:.1f} | {len(samples) / seconds:.1f} | {tokens / seconds:.0f} | "
-              f"{gflops:.1f} ({100 * gflops / bound:.1f}%) | {sum(not s.finished for s in samples)} |", flush=True)
+              f"{gflops:.1f} ({100 * gflops / bound:.1f}%) | {sum(not s.finished for s in samples)} | "
+              f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} |", flush=True)
 
 
 if __name__ == "__main__":

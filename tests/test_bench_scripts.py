@@ -46,3 +46,15 @@ def test_rhyme_slot_sft_weights_the_rhyme_slots_after_line_two(monkeypatch):
     assert [tokenizer.decode([i]) for i, k in zip(ids, kinds, strict=True) if k == 2] == ["心", "金", "簪"]
     assert tokenizer.decode([i for i, k in zip(ids, kinds, strict=True) if k == 0]) == prompt
     assert ids[-1] == tokenizer.eos_token_id and kinds[-1] == 1
+
+
+def test_bench_dpo_times_the_trainer_train_dpo_builds(tmp_path, monkeypatch):
+    """bench_dpo's `ours` variant drives train_dpo.main and times its steps: it broke silently once, when
+    train_dpo stopped naming its trainer class (an AttributeError at the bench's first run)."""
+    from tiny_models import make_pairs_dir, make_tiny_model
+
+    bench = _load("bench_dpo.py", monkeypatch)
+    pairs = make_pairs_dir(tmp_path)
+    model = make_tiny_model(tmp_path / "model", "llama")
+    result = bench.run_ours(model, str(pairs), n_pairs=4, batch_size=2, max_length=64, warmup=1)
+    assert result["timed_steps"] >= 1 and result["tokens_per_s"] > 0

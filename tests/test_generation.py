@@ -130,6 +130,24 @@ def test_dropping_finished_poems_from_the_batch_writes_what_generate_writes(tok,
     top1 = generate_samples(model, tok, titles, max_new_tokens=24, batch_size=len(titles), top_k=1, seed=5,
                             drop_finished=True)
     assert top1 == kept
+    # A cache that starts 3 positions past the prompts and grows 3 at a time (cut in between) writes the same.
+    grown = generate_samples(model, tok, titles, max_new_tokens=24, batch_size=len(titles), do_sample=False,
+                             drop_finished=True, cache_chunk=3)
+    assert grown == kept
+
+
+def test_dropping_finished_gives_each_poem_the_room_its_own_prompt_leaves(tok):
+    """Batched with a long title, a short title's poem still runs to the context: positions are per row."""
+    model = tiny_lm(tok, tie=False)
+    titles = ["月", "長" * 8]
+    batch = tok([build_prompt(t) for t in titles], return_tensors="pt", padding=True, padding_side="left")
+    widths = batch["attention_mask"].sum(-1).tolist()
+    context = max(widths) + 6
+    poems = sample_dropping_finished(model, batch["input_ids"], batch["attention_mask"], 200, {tok.eos_token_id},
+                                     context=context, do_sample=False, cache_chunk=4)
+    assert not any(tok.eos_token_id in p for p in poems)  # both run on: each stops at its own limit
+    assert [len(p) for p in poems] == [context - w for w in widths]
+    assert len(poems[0]) > len(poems[1]) == 6
 
 
 def test_dropping_finished_poems_samples_the_models_probabilities(tok):

@@ -26,10 +26,14 @@ DEFAULT_MAX_NEW_TOKENS = 128
 # 5.5 poems/s); with the static cache, 7.6 poems/s (`bench/bench_sampling.py --threads 1`, the base model).
 SAMPLE_BATCH_SIZE = 256
 CACHE_IMPLEMENTATION = "static"
-# Decode with sample_dropping_finished (finished poems leave the batch) rather than generate: 1.6-1.7x the poems/s
-# of the evaluation's sampling here (bench/bench_sampling.py, drop@256+cdf), the same distribution, other poems for a
-# seed. False: transformers' generate, as every figure before 2026-11-28 was sampled.
+# Decode with sample_dropping_finished (finished poems leave the batch, the cache grows with the poems) rather than
+# generate: with the inverse-CDF draw, 4.3x the poems/s of sampling as it ran before issue 16, in one run
+# (bench/bench_sampling.py, docs/throughput.md); the same distribution, other poems for a seed. False: transformers'
+# generate, as every figure before 2026-11-28 was sampled.
 DROP_FINISHED = True
+# sample_dropping_finished's KV cache starts this many positions past the prompts and grows by as much when full:
+# attention reads every position of a static cache, written or not (1.25x the poems/s of a full-length cache).
+CACHE_CHUNK = 32
 # How an unknown token reads in a sampled poem: the mark texts use for a missing character. Skipped like the
 # other special tokens, a line of five tokens with one rare character would count as a four-character line.
 UNKNOWN_CHARACTER = "□"
@@ -213,6 +217,7 @@ def generate_samples(
     top_k: int = 0,
     top_p: float = 1.0,
     progress: bool = False,
+    cache_chunk: int | None = CACHE_CHUNK,
     cache_implementation: str | None = CACHE_IMPLEMENTATION,
     sampler: str = DEFAULT_SAMPLER,
     drop_finished: bool = DROP_FINISHED,
@@ -228,8 +233,9 @@ def generate_samples(
 
     A poem gets at most `max_new_tokens` tokens (default: the model's generation config, else 128), fewer
     where prompt plus poem would pass the model's context (`max_position_embeddings`): positions past it
-    were never trained. Prompts are batched with others of their length, so one long title shortens only
-    the poems batched with it, not every poem.
+    were never trained: with `drop_finished`, a poem's own prompt sets its room; with generate, the batch's
+    longest (prompts are batched with others of their length, so one long title shortens only the poems batched
+    with it). `cache_chunk`: see `sample_dropping_finished`.
 
     `cache_implementation` is passed to `generate` ("static" by default, None for transformers' dynamic cache): it
     changes speed, not the distribution sampled from (a test compares the poems, greedy and seeded).
@@ -280,14 +286,15 @@ def generate_samples(
                     padding=True,
                     add_special_tokens=add_special_tokens,
                 ).to(device)
-                room = max_new_tokens
-                if context is not None:
-                    room = min(room, context - batch["input_ids"].shape[1])
                 if drop_finished:
                     new_tokens = sample_dropping_finished(
-                        model, batch["input_ids"], batch["attention_mask"], room, eos_ids, do_sample=do_sample,
-                        temperature=temperature, top_k=top_k, top_p=top_p)
+                        model, batch["input_ids"], batch["attention_mask"], max_new_tokens, eos_ids, context=context,
+                        do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+                        cache_chunk=cache_chunk)
                 else:
+                    room = max_new_tokens
+                    if context is not None:
+                        room = min(room, context - batch["input_ids"].shape[1])
                     output = model.generate(
                         input_ids=batch["input_ids"],
                         attention_mask=batch["attention_mask"],
@@ -317,15 +324,31 @@ def _keep_rows(cache: StaticCache, keep: torch.Tensor) -> None:
             layer.batch_size = len(keep)
 
 
+def _grow(cache: StaticCache, length: int) -> None:
+    """Lengthen a static KV cache to `length` positions (zeros after the written ones)."""
+    for layer in cache.layers:
+        if getattr(layer, "keys", None) is not None:
+            pad = length - layer.keys.shape[2]
+            layer.keys = torch.nn.functional.pad(layer.keys, (0, 0, 0, pad))
+            layer.values = torch.nn.functional.pad(layer.values, (0, 0, 0, pad))
+        layer.max_cache_len = length
+
+
 @torch.no_grad()
 def sample_dropping_finished(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
-                             eos_ids: set[int], *, do_sample: bool = True, temperature: float = 1.0, top_k: int = 0,
-                             top_p: float = 1.0, shrink_at: float = 0.75) -> list[list[int]]:
+                             eos_ids: set[int], *, context: int | None = None, do_sample: bool = True,
+                             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, shrink_at: float = 0.75,
+                             cache_chunk: int | None = CACHE_CHUNK) -> list[list[int]]:
     """The new tokens of each left-padded prompt, up to and including its eos: `generate`'s plain sampling loop on a
     static KV cache, except that finished poems leave the batch. `generate` keeps every finished poem in the batch
     until the longest ends: the evaluation's poems average ~50 tokens, and one run-on poem in a batch makes the
     whole batch decode to the length limit. Here, once the unfinished poems are at most `shrink_at` of the batch,
     the batch and the cache are cut to them (a copy of the cache, so not at every step).
+
+    Each poem gets `max_new_tokens`, or fewer where its own prompt plus poem would pass `context` positions: a long
+    title in the batch does not shorten the other poems (positions are per row; only the cache is shared). The cache
+    starts `cache_chunk` positions past the prompts and grows by as much when full (None: full length at once):
+    attention reads every position of a static cache, written or not, and most poems end long before the limit.
 
     Each poem's computation is its own row, so the distribution is generate's (the logits go through transformers'
     own temperature / top-k / top-p warpers, each token is drawn by `torch.multinomial`, which `token_sampler`
@@ -341,12 +364,19 @@ def sample_dropping_finished(model, input_ids: torch.Tensor, attention_mask: tor
     poem_of_row = torch.arange(input_ids.shape[0], device=input_ids.device)
     finished = torch.zeros_like(poem_of_row, dtype=torch.bool)
     positions = (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)
-    cache = StaticCache(config=model.config, max_cache_len=input_ids.shape[1] + max_new_tokens)
+    limits = torch.full_like(poem_of_row, max_new_tokens)  # new tokens each poem may have
+    if context is not None:
+        limits = limits.clamp(max=context - attention_mask.long().sum(-1))
+    steps = int(limits.max())
+    full = input_ids.shape[1] + steps
+    cache = StaticCache(config=model.config, max_cache_len=min(full, input_ids.shape[1] + (cache_chunk or full)))
     ids, mask = input_ids, attention_mask
     eos = torch.tensor(sorted(eos_ids), device=input_ids.device)
-    for _ in range(max_new_tokens):
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                       use_cache=True).logits[:, -1, :].float()
+    for step in range(1, steps + 1):
+        if mask.shape[1] > cache.layers[0].max_cache_len:
+            _grow(cache, min(full, cache.layers[0].max_cache_len + cache_chunk))
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
+                       logits_to_keep=1).logits[:, -1, :].float()
         if do_sample:
             next_tokens = torch.multinomial(torch.softmax(warpers(ids, logits), dim=-1), 1).squeeze(1)
         else:
@@ -354,15 +384,15 @@ def sample_dropping_finished(model, input_ids: torch.Tensor, attention_mask: tor
         writing = (~finished).nonzero().squeeze(1)
         for poem, token in zip(poem_of_row[writing].tolist(), next_tokens[writing].tolist(), strict=True):
             tokens[poem].append(token)
-        finished |= torch.isin(next_tokens, eos)
+        finished |= torch.isin(next_tokens, eos) | (limits <= step)
         unfinished = int((~finished).sum())
         if unfinished == 0:
             break
         if unfinished <= shrink_at * len(finished):
             keep = (~finished).nonzero().squeeze(1)
             _keep_rows(cache, keep)
-            poem_of_row, finished, mask, positions, next_tokens = (
-                poem_of_row[keep], finished[keep], mask[keep], positions[keep], next_tokens[keep])
+            poem_of_row, finished, mask, positions, next_tokens, limits = (
+                poem_of_row[keep], finished[keep], mask[keep], positions[keep], next_tokens[keep], limits[keep])
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
         positions = positions[:, -1:] + 1
         ids = next_tokens.unsqueeze(1)
