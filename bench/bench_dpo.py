@@ -20,8 +20,9 @@ its own subprocess, so its peak RSS is its own:
 Each child first runs `warmup` untimed steps on other pairs (one-time allocations, kernel set-up), then trains
 one timed epoch over steps * batch pairs, whole (length-grouped batches come longest first: skipping the first
 steps of the epoch would flatter them). Data preparation is not timed; TRL's reference precompute, when on, is.
-Throughput counts pairs and non-padding tokens (prompt + completion + eos, both sequences of a pair).
-Prints figures only; asserts nothing.
+Throughput counts pairs and non-padding tokens (prompt + completion + eos, both sequences of a pair), and the
+GFLOP/s of the work the loss needs (`dpo_gflops`: a lower bound) beside the fp32 matmul bound measured in the same
+run. Prints figures only; asserts nothing.
 """
 
 from __future__ import annotations
@@ -177,10 +178,10 @@ def run_plain(model_dir: str, pairs, warm_pairs, batch_size: int, max_length: in
     beta = settings["beta"]
     warm = plain_batches(warm_pairs, tokenizer, batch_size, max_length, settings["seed"], grouped)
     batches = plain_batches(pairs, tokenizer, batch_size, max_length, settings["seed"], grouped)
-    times, tokens = [], []
+    times, tokens, completion_tokens = [], [], []
     for i, batch in enumerate(warm + batches):
         if i == len(warm):
-            start, times, tokens = time.perf_counter(), [], []
+            start, times, tokens, completion_tokens = time.perf_counter(), [], [], []
         batch = {k: v.to(device) for k, v in batch.items()}
         logps = sequence_logps(policy, batch)
         with torch.no_grad():
@@ -195,15 +196,35 @@ def run_plain(model_dir: str, pairs, warm_pairs, batch_size: int, max_length: in
             torch.cuda.synchronize()
         times.append(time.perf_counter())
         tokens.append(int(batch["attention_mask"].sum()))
-    return window(start, times, tokens, batch_size)
+        completion_tokens.append(int(batch["completion_mask"].sum()))
+    return window(start, times, tokens, batch_size, completion_tokens=completion_tokens)
 
 
-def window(start: float, step_ends: list[float], tokens: list[int], batch_size: int, extra_seconds: float = 0.0):
-    """Throughput over the whole timed epoch."""
+def dpo_gflops(result: dict, backbone: int, head: int) -> float:
+    """GFLOP/s of the work the DPO loss needs: policy forward + backward (6 FLOPs per weight) and reference forward
+    (2) for every non-padding token through the backbone, and through the LM head for the completion tokens only.
+    Attention left out, and the plain loop's head over every position counted as waste: a lower bound."""
+    return 8 * (backbone * result["tokens_per_s"] + head * result["completion_tokens_per_s"]) / 1e9
+
+
+def weight_counts(model_dir: str) -> tuple[int, int]:
+    """(backbone weights that multiply, LM head weights) of the model."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    head = model.get_output_embeddings().weight
+    embed = model.get_input_embeddings().weight
+    backbone = sum(p.numel() for p in model.parameters() if p is not head and p is not embed and p.dim() > 1)
+    return backbone, head.numel()
+
+
+def window(start: float, step_ends: list[float], tokens: list[int], batch_size: int, extra_seconds: float = 0.0,
+           completion_tokens: list[int] | None = None):
+    """Throughput over the whole timed epoch (completion tokens: those whose log-probs the loss reads)."""
     seconds = step_ends[-1] - start + extra_seconds
     pairs = batch_size * len(step_ends)
     return {"pairs_per_s": pairs / seconds, "tokens_per_s": sum(tokens) / seconds, "seconds": seconds,
-            "timed_steps": len(step_ends)}
+            "timed_steps": len(step_ends), "completion_tokens_per_s": sum(completion_tokens or []) / seconds}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -217,6 +238,7 @@ class Clock:
         self.start = 0.0
         self.times: list[float] = []
         self.tokens: list[int] = []
+        self.completion_tokens: list[int] = []
         self.collate = None
 
     def wrap(self, collate):
@@ -226,6 +248,7 @@ class Clock:
     def __call__(self, examples):
         batch = self.collate(examples)
         self.tokens.append(int(batch["attention_mask"].sum()))
+        self.completion_tokens.append(int(batch["completion_mask"].sum()))
         return batch
 
     def callback(self):
@@ -235,7 +258,7 @@ class Clock:
 
         class StepEnd(TrainerCallback):
             def on_train_begin(self, args, state, control, **kwargs):
-                clock.start, clock.times, clock.tokens = time.perf_counter(), [], []
+                clock.start, clock.times, clock.tokens, clock.completion_tokens = time.perf_counter(), [], [], []
 
             def on_step_end(self, args, state, control, **kwargs):
                 import torch
@@ -294,7 +317,8 @@ def run_ours(model_dir: str, dataset_dir: str, n_pairs: int, batch_size: int, ma
                 trainer = train_dpo.main(ours_argv(model_dir, dataset_dir, pairs, batch_size, max_length, out))
     finally:
         methods.trainer_class = original
-    result = window(clock.start, clock.times, clock.tokens, batch_size, extra_seconds=trainer.precompute_seconds)
+    result = window(clock.start, clock.times, clock.tokens, batch_size, extra_seconds=trainer.precompute_seconds,
+                    completion_tokens=clock.completion_tokens)
     return {**result, "precompute_seconds": trainer.precompute_seconds}
 
 
@@ -319,7 +343,7 @@ def run_stock(model_dir: str, pairs, warm_pairs, batch_size: int, max_length: in
             config, _ = stock_config(out, batch_size, max_length)
             trainer = timed(DPOTrainer, clock)(model=model_dir, args=config, train_dataset=train_pairs)
             trainer.train()
-    return window(clock.start, clock.times, clock.tokens, batch_size)
+    return window(clock.start, clock.times, clock.tokens, batch_size, completion_tokens=clock.completion_tokens)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -436,6 +460,12 @@ def main(argv: list[str] | None = None) -> None:
           f"{opts.reps} repetition(s), variants in alternating order, each in its own process")
     print(padding_shares(model_dir, opts.dataset_dir, batch_size, max_length,
                          [batch_size * opts.steps, settings["max_train_pairs"]], settings["seed"]))
+    backbone, head = weight_counts(model_dir)
+    from bench_sampling import matmul_gflops
+
+    bound = matmul_gflops()
+    print(f"{backbone / 1e6:.2f}M backbone weights, {head / 1e6:.2f}M LM head weights; fp32 matmul bound measured "
+          f"now {bound:.0f} GFLOP/s (a 2048² matmul, {opts.threads} threads)")
     print(f"stock changes to DPOConfig(): {stock_config('-', batch_size, max_length)[1]} (output_dir aside)")
     print("ours: train_dpo.main(" + " ".join(ours_argv(model_dir, opts.dataset_dir, 0, batch_size, max_length,
                                                           "<tmp>")[:2]) +
@@ -450,19 +480,23 @@ def main(argv: list[str] | None = None) -> None:
             result = spawn(variant, [(batch_size, max_length)], opts, model_dir)
             runs[variant].append({**result["points"][0], "peak_rss_mb": result["peak_rss_mb"]})
             r = runs[variant][-1]
+            gflops = dpo_gflops(r, backbone, head)
             print(f"  rep {rep + 1} {variant:5s}: {r['pairs_per_s']:6.2f} pairs/s {r['tokens_per_s']:8.0f} tokens/s "
+                  f"{gflops:5.1f} GFLOP/s ({100 * gflops / bound:.0f}% of the bound) "
                   f"peak RSS {r['peak_rss_mb']:5.0f} MB", flush=True)
 
     def med(variant: str, key: str) -> float:
         return statistics.median(r[key] for r in runs[variant])
 
-    print(f"\n| variant | pairs/s | tokens/s (non-padding) | peak RSS MB | pairs/s vs plain | "
-          f"({opts.reps} reps, median) |")
-    print("|---|---:|---:|---:|---:|---|")
+    print(f"\n| variant | pairs/s | tokens/s (non-padding) | GFLOP/s (share of the bound) | peak RSS MB | "
+          f"pairs/s vs plain | ({opts.reps} reps, median) |")
+    print("|---|---:|---:|---:|---:|---:|---|")
     for v in variants:
         spread = f"{min(r['pairs_per_s'] for r in runs[v]):.2f}–{max(r['pairs_per_s'] for r in runs[v]):.2f}"
         ratio = med(v, "pairs_per_s") / med("plain", "pairs_per_s") if "plain" in runs else float("nan")
-        print(f"| {v} | {med(v, 'pairs_per_s'):.2f} | {med(v, 'tokens_per_s'):,.0f} | {med(v, 'peak_rss_mb'):.0f} | "
+        gflops = statistics.median(dpo_gflops(r, backbone, head) for r in runs[v])
+        print(f"| {v} | {med(v, 'pairs_per_s'):.2f} | {med(v, 'tokens_per_s'):,.0f} | "
+              f"{gflops:.1f} ({100 * gflops / bound:.0f}%) | {med(v, 'peak_rss_mb'):.0f} | "
               f"{ratio:.2f}× | range {spread} pairs/s |")
     if {"plain", "ours", "stock"} <= set(runs):
         figures = {
