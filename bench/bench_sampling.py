@@ -14,6 +14,7 @@ Every variant samples the same prompts (validation titles of --dataset, each --p
   all-pinned     static@256 as it ran before generation.plain_sampling: every PLAIN_SAMPLING setting passed to
                  generate, so min_p=0.0 and min_new_tokens=0 built logits processors that change nothing
   static@256+cdf static@256, each token drawn by inverse CDF (generation.DEFAULT_SAMPLER)
+  dynamic@32+cdf how the RL trainers sample (TRL's generate call, 32 poems a step, its default dynamic cache)
   drop@256+cdf   256 at once, inverse CDF, decoded by generation.sample_dropping_finished (a static KV cache;
                  finished poems leave the batch instead of waiting for the batch's longest), the cache full-length
   drop@B+cdf+growC  the same, B poems at once, the cache C positions past the prompts, grown by C when full
@@ -52,6 +53,8 @@ VARIANTS = {
     "static@256": {**GENERATE, "cache_implementation": "static", "batch_size": 256, "sampler": "multinomial"},
     "all-pinned": {**GENERATE, "cache_implementation": "static", "batch_size": 256, "sampler": "multinomial"},
     "static@256+cdf": {**GENERATE, "cache_implementation": "static", "batch_size": 256, "sampler": "inverse_cdf"},
+    "dynamic@32+cdf": {**GENERATE, "cache_implementation": None, "batch_size": 32, "sampler": "inverse_cdf"},
+    "drop@32+cdf+grow32": {"drop_finished": True, "batch_size": 32, "sampler": "inverse_cdf", "cache_chunk": 32},
     "drop@256+cdf": {"drop_finished": True, "batch_size": 256, "sampler": "inverse_cdf", "cache_chunk": None},
     "drop@256+cdf+grow32": {"drop_finished": True, "batch_size": 256, "sampler": "inverse_cdf", "cache_chunk": 32},
     "drop@256+cdf+grow64": {"drop_finished": True, "batch_size": 256, "sampler": "inverse_cdf", "cache_chunk": 64},

@@ -17,6 +17,7 @@ from poemdpo.models import generation
 from poemdpo.models.generation import (
     PLAIN_SAMPLING,
     decode_poem,
+    generate_dropping_finished,
     generate_poems,
     generate_samples,
     inverse_cdf_sample,
@@ -134,6 +135,31 @@ def test_dropping_finished_poems_from_the_batch_writes_what_generate_writes(tok,
     grown = generate_samples(model, tok, titles, max_new_tokens=24, batch_size=len(titles), do_sample=False,
                              drop_finished=True, cache_chunk=3)
     assert grown == kept
+
+
+def test_generate_dropping_finished_returns_what_generate_returns_and_falls_back_otherwise(tok, monkeypatch):
+    """The call TRL's RL trainers make, model.generate(input_ids, attention_mask, generation_config): greedy, the
+    same tensor (prompts, new tokens, pad after eos) through sample_dropping_finished; with a setting it does not
+    reproduce (a repetition penalty), generate itself; and the model's own generate afterwards."""
+    from transformers import GenerationConfig
+
+    model = early_ending_lm(tok)
+    titles = [a + b for a in TITLES for b in TITLES]
+    batch = tok([build_prompt(t) for t in titles], return_tensors="pt", padding=True, padding_side="left")
+    config = GenerationConfig(max_new_tokens=24, do_sample=False, eos_token_id=model.generation_config.eos_token_id,
+                              pad_token_id=tok.pad_token_id)
+    expected = model.generate(**batch, generation_config=config)
+    calls = []
+    dropping = generation.sample_dropping_finished
+    monkeypatch.setattr(generation, "sample_dropping_finished", lambda *a, **k: calls.append(1) or dropping(*a, **k))
+    with generate_dropping_finished(model):
+        assert torch.equal(model.generate(**batch, generation_config=config), expected) and calls == [1]
+        penalised = GenerationConfig(**config.to_dict() | {"repetition_penalty": 1.3})
+        assert generation.samples_like_generate(model, config)
+        assert not generation.samples_like_generate(model, penalised)
+        model.generate(**batch, generation_config=penalised)
+    assert calls == [1] and "generate" not in vars(model)
+    assert torch.equal(model.generate(**batch, generation_config=config), expected)
 
 
 def test_dropping_finished_gives_each_poem_the_room_its_own_prompt_leaves(tok):

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 from transformers import (
+    GenerationConfig,
     LogitsProcessorList,
     PreTrainedModel,
     StaticCache,
@@ -397,6 +398,63 @@ def sample_dropping_finished(model, input_ids: torch.Tensor, attention_mask: tor
         positions = positions[:, -1:] + 1
         ids = next_tokens.unsqueeze(1)
     return tokens
+
+
+# The GenerationConfig settings sample_dropping_finished reproduces; any other setting must be at a neutral value.
+_DROPPING_SETTINGS = {"max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "pad_token_id", "bos_token_id",
+                      "eos_token_id", "cache_implementation", "disable_compile", "use_cache", "transformers_version",
+                      "_from_model_config"}
+_NEUTRAL = {"min_p": (None, 0.0), "repetition_penalty": (None, 1.0), "num_return_sequences": (None, 1),
+            "num_beams": (None, 1), "output_attentions": (None, False), "output_hidden_states": (None, False),
+            "output_scores": (None, False), "output_logits": (None, False), "return_dict_in_generate": (None, False)}
+
+
+def samples_like_generate(model, config: GenerationConfig) -> bool:
+    """Whether `generate(generation_config=config)` on `model` is what sample_dropping_finished draws: greedy or
+    plain sampling with temperature / top-k / top-p, a token limit, nothing else (the model's own generation
+    config included, which generate may fall back on)."""
+    if config.max_new_tokens is None:
+        return False
+    for source in (getattr(model, "generation_config", None), config):
+        for key, value in (source.to_diff_dict() if source is not None else {}).items():
+            if key not in _DROPPING_SETTINGS and value not in _NEUTRAL.get(key, ()):
+                return False
+    return True
+
+
+@contextlib.contextmanager
+def generate_dropping_finished(model) -> Iterator[None]:
+    """Within, `model.generate(input_ids=..., attention_mask=..., generation_config=...)` (the call TRL's RL trainers
+    make) decodes with sample_dropping_finished when `samples_like_generate` says it draws the same, and with
+    generate otherwise. Its output is generate's: the prompts, then each row's new tokens up to its eos, padded
+    with pad_token_id to the longest."""
+    original, own = model.generate, "generate" in vars(model)
+
+    def generate(input_ids=None, attention_mask=None, generation_config=None, **kwargs):
+        config = generation_config or model.generation_config
+        if kwargs or input_ids is None or attention_mask is None or not samples_like_generate(model, config):
+            return original(input_ids=input_ids, attention_mask=attention_mask, generation_config=generation_config,
+                            **kwargs)
+        eos = config.eos_token_id
+        eos_ids = {eos} if isinstance(eos, int) else set(eos or [])
+        rows = sample_dropping_finished(
+            model, input_ids, attention_mask, config.max_new_tokens, eos_ids, do_sample=bool(config.do_sample),
+            temperature=config.temperature or 1.0, top_k=config.top_k or 0,
+            top_p=1.0 if config.top_p is None else config.top_p)
+        pad = config.pad_token_id if config.pad_token_id is not None else min(eos_ids, default=0)
+        new = input_ids.new_full((len(rows), max(map(len, rows), default=0)), pad)
+        for i, row in enumerate(rows):
+            new[i, : len(row)] = torch.tensor(row, dtype=new.dtype)
+        return torch.cat([input_ids, new], dim=1)
+
+    model.generate = generate
+    try:
+        yield
+    finally:
+        if own:
+            model.generate = original
+        else:
+            del model.generate  # the class's own method again
 
 
 def default_max_new_tokens(model: PreTrainedModel, wanted: int | None = None) -> int:
