@@ -113,6 +113,7 @@ def main(argv: list[str] | None = None):
     trainer = TRAINERS[method](
         model=model, reward_funcs=[reward], args=args, train_dataset=prompts, processing_class=tokenizer,
         peft_config=get_peft_config(model_args), sampler=script_args.sampler,
+        drop_finished=script_args.drop_finished,
     )
     if isinstance(reward, RewardModelReward):
         reward.to(trainer.accelerator.device)
@@ -137,7 +138,7 @@ def main(argv: list[str] | None = None):
             "splits": splits.to_dict() if splits else None, "prompt_format": "chat" if chat else "instruction",
             "use_peft": model_args.use_peft, "train_titles": len(titles),
             "completions": trainer.completions_generated, "generation_seconds": trainer.generation_seconds,
-            "sampler": script_args.sampler,
+            "sampler": script_args.sampler, "drop_finished": script_args.drop_finished,
             "num_generations": getattr(args, "num_generations", 2),  # online DPO: always a pair
             "max_completion_length": getattr(args, limit),
             **{key: getattr(args, key) for key in ("beta", "temperature", "top_k", "top_p", "learning_rate")},

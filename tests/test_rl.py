@@ -132,10 +132,15 @@ def test_rl_with_the_rule_keeps_a_kl_penalty_and_saves_a_loadable_policy(tmp_pat
     draws = []  # rows of every next-token draw by the inverse-CDF sampler
     spy = generation.inverse_cdf_sample
     monkeypatch.setattr(generation, "inverse_cdf_sample", lambda probs: draws.append(len(probs)) or spy(probs))
+    batches = []  # batches decoded by sample_dropping_finished
+    dropping = generation.sample_dropping_finished
+    monkeypatch.setattr(generation, "sample_dropping_finished",
+                        lambda model, ids, *a, **k: batches.append(len(ids)) or dropping(model, ids, *a, **k))
     out = tmp_path / method
     trainer = run(out, base_dir, pairs_dir, method)
-    # The training poems (8 per step) were drawn by the default sampler, not only the sample table's 3.
-    assert 8 in draws
+    # The training poems (8 per step) were drawn by the default sampler and decoded by our loop, not only the
+    # sample table's 3.
+    assert 8 in draws and batches.count(8) == 3
     assert type(trainer).__name__ == {"grpo": "PoemGRPOTrainer", "rloo": "PoemRLOOTrainer"}[method]
     logs = [e for e in trainer.state.log_history if "loss" in e]
     assert len(logs) == 3
@@ -159,7 +164,7 @@ def test_rl_with_the_rule_keeps_a_kl_penalty_and_saves_a_loadable_policy(tmp_pat
     assert AutoTokenizer.from_pretrained(out).eos_token_id is not None
     info = json.loads((out / "poemdpo.json").read_text(encoding="utf-8"))
     assert info["stage"] == method and info["beta"] > 0 and info["reward"] == "rule:five_char"
-    assert info["sampler"] == "inverse_cdf"
+    assert info["sampler"] == "inverse_cdf" and info["drop_finished"] is True
     assert info["max_completion_length"] == 48 and info["completions"] == 24
     card = (out / "README.md").read_text(encoding="utf-8")
     assert f"base_model: {base_dir}" in card and f"tags: [trl, {method}" in card and "rule_reward" in card

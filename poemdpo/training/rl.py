@@ -15,6 +15,7 @@ The reward is either the rule itself, a verifiable reward (`rule_reward`), or a 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import time
@@ -32,7 +33,15 @@ from poemdpo.data.rules import RULES, credit, preferred
 from poemdpo.data.splits import SplitSpec, check_same_splits
 from poemdpo.errors import PoemDPOError
 from poemdpo.models import loading
-from poemdpo.models.generation import DEFAULT_SAMPLER, SAMPLERS, decode_poem, default_max_new_tokens, token_sampler
+from poemdpo.models.generation import (
+    DEFAULT_SAMPLER,
+    DROP_FINISHED,
+    SAMPLERS,
+    decode_poem,
+    default_max_new_tokens,
+    generate_dropping_finished,
+    token_sampler,
+)
 from poemdpo.run_info import read_run_info, recorded_splits
 from poemdpo.training.dpo import DEFAULT_DATASET, method_named
 from poemdpo.training.model_card import card_results, prompt_section
@@ -106,6 +115,12 @@ class RLScriptArguments:
         metadata={"help": "How generate draws each token of the training poems: inverse_cdf (fast on a CPU) or "
                   "multinomial (torch.multinomial, transformers' own). The same distribution.",
                   "choices": list(SAMPLERS)},
+    )
+    drop_finished: bool = field(
+        default=DROP_FINISHED,
+        metadata={"help": "TRL's generate call decodes with generation.sample_dropping_finished (finished poems leave "
+                  "the batch, the KV cache grows with the poems) where the generation settings are plain sampling; "
+                  "false: transformers' generate. The same distribution."},
     )
 
 
@@ -325,18 +340,21 @@ class _PoemRL:
     sample poems' rates, as `PoemDPOTrainer` does), every training log carries β, and the time spent writing
     poems is counted, so the run reports its generation throughput."""
 
-    def __init__(self, *args, sampler: str = DEFAULT_SAMPLER, **kwargs):
+    def __init__(self, *args, sampler: str = DEFAULT_SAMPLER, drop_finished: bool = DROP_FINISHED, **kwargs):
         super().__init__(*args, **kwargs)
         self.pending_metrics: dict[str, float] = {}
         self.generation_seconds, self.completions_generated = 0.0, 0
         self._window = (0.0, 0)
         self.sampler = sampler  # how generate draws each token: generation.SAMPLERS
+        self.drop_finished = drop_finished  # generate's call decoded by generation.sample_dropping_finished
 
     def _timed(self, poems: int, generate, *args):
-        """Run TRL's own generation with our token sampler, counting the poems and the seconds."""
+        """Run TRL's own generation with our token sampler (and decoding loop), counting the poems and the seconds."""
         start = time.perf_counter()
+        model = self.accelerator.unwrap_model(self.model)  # what TRL's unwrap_model_for_generation hands generate to
         try:
-            with token_sampler(self.sampler):
+            with token_sampler(self.sampler), (
+                    generate_dropping_finished(model) if self.drop_finished else contextlib.nullcontext()):
                 return generate(*args)
         finally:
             self.generation_seconds += time.perf_counter() - start
