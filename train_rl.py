@@ -20,6 +20,7 @@ from trl import ModelConfig, TrlParser, get_peft_config
 from poemdpo.data.prompts import CHAPTER_TITLES
 from poemdpo.errors import PoemDPOError
 from poemdpo.models import loading
+from poemdpo.models.generation import eos_token_ids
 from poemdpo.run_info import write_run_info
 from poemdpo.training.dpo import (
     check_splits_match,
@@ -39,7 +40,6 @@ from poemdpo.training.rl import (
     check_reward_model,
     check_settings,
     completion_length,
-    eos_ids,
     last_train_metrics,
     length_setting,
     make_rule_reward,
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None):
         setattr(args, limit, completion_length(model, longest, getattr(args, limit), limit))
 
         # 4. Reward: the rule itself, or a reward model trained by train_reward.py.
-        eos = eos_ids(model, tokenizer)
+        eos = sorted(eos_token_ids(model, tokenizer))
         if script_args.reward_model:
             check_reward_model(script_args.reward_model, splits, chat)
             reward = RewardModelReward(script_args.reward_model, tokenizer=tokenizer, eos_token_ids=eos,

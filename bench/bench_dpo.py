@@ -197,7 +197,7 @@ def run_plain(model_dir: str, pairs, warm_pairs, batch_size: int, max_length: in
         times.append(time.perf_counter())
         tokens.append(int(batch["attention_mask"].sum()))
         completion_tokens.append(int(batch["completion_mask"].sum()))
-    return window(start, times, tokens, batch_size, completion_tokens=completion_tokens)
+    return window(start, times, tokens, completion_tokens, batch_size)
 
 
 def dpo_gflops(result: dict, backbone: int, head: int) -> float:
@@ -218,13 +218,13 @@ def weight_counts(model_dir: str) -> tuple[int, int]:
     return backbone, head.numel()
 
 
-def window(start: float, step_ends: list[float], tokens: list[int], batch_size: int, extra_seconds: float = 0.0,
-           completion_tokens: list[int] | None = None):
+def window(start: float, step_ends: list[float], tokens: list[int], completion_tokens: list[int], batch_size: int,
+           extra_seconds: float = 0.0):
     """Throughput over the whole timed epoch (completion tokens: those whose log-probs the loss reads)."""
     seconds = step_ends[-1] - start + extra_seconds
     pairs = batch_size * len(step_ends)
     return {"pairs_per_s": pairs / seconds, "tokens_per_s": sum(tokens) / seconds, "seconds": seconds,
-            "timed_steps": len(step_ends), "completion_tokens_per_s": sum(completion_tokens or []) / seconds}
+            "timed_steps": len(step_ends), "completion_tokens_per_s": sum(completion_tokens) / seconds}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -317,8 +317,8 @@ def run_ours(model_dir: str, dataset_dir: str, n_pairs: int, batch_size: int, ma
                 trainer = train_dpo.main(ours_argv(model_dir, dataset_dir, pairs, batch_size, max_length, out))
     finally:
         methods.trainer_class = original
-    result = window(clock.start, clock.times, clock.tokens, batch_size, extra_seconds=trainer.precompute_seconds,
-                    completion_tokens=clock.completion_tokens)
+    result = window(clock.start, clock.times, clock.tokens, clock.completion_tokens, batch_size,
+                    extra_seconds=trainer.precompute_seconds)
     return {**result, "precompute_seconds": trainer.precompute_seconds}
 
 
@@ -343,7 +343,7 @@ def run_stock(model_dir: str, pairs, warm_pairs, batch_size: int, max_length: in
             config, _ = stock_config(out, batch_size, max_length)
             trainer = timed(DPOTrainer, clock)(model=model_dir, args=config, train_dataset=train_pairs)
             trainer.train()
-    return window(clock.start, clock.times, clock.tokens, batch_size, completion_tokens=clock.completion_tokens)
+    return window(clock.start, clock.times, clock.tokens, clock.completion_tokens, batch_size)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -188,15 +188,15 @@ def prompt_texts(tokenizer, titles: Sequence[str]) -> list[str]:
     return [build_prompt(t) for t in titles]
 
 
-def _eos_ids(model, tokenizer) -> set[int]:
+def eos_token_ids(model, tokenizer) -> set[int]:
     """Every id that ends a poem: the tokenizer's eos plus whatever the generation config lists."""
     ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if isinstance(config_eos, int):
-        ids.add(config_eos)
-    elif config_eos:
-        ids.update(config_eos)
-    return ids
+    return ids | _id_set(getattr(getattr(model, "generation_config", None), "eos_token_id", None))
+
+
+def _id_set(ids: int | Sequence[int] | None) -> set[int]:
+    """A generation config's eos_token_id (one id, a list, or None) as a set."""
+    return {ids} if isinstance(ids, int) else {i for i in ids or [] if i is not None}
 
 
 def generate_poems(model, tokenizer, titles: Sequence[str], **kwargs) -> list[str]:
@@ -263,7 +263,7 @@ def generate_samples(
             f"the prompt for title {titles[order[-1]]!r} takes {lengths[order[-1]]} tokens, leaving no room for "
             f"a poem in the model's context (max_position_embeddings={context})"
         )
-    eos_ids = _eos_ids(model, tokenizer)
+    eos_ids = eos_token_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
     sampling = plain_sampling(model, temperature, top_k, top_p) if do_sample else {}
@@ -435,8 +435,7 @@ def generate_dropping_finished(model) -> Iterator[None]:
         if kwargs or input_ids is None or attention_mask is None or not samples_like_generate(model, config):
             return original(input_ids=input_ids, attention_mask=attention_mask, generation_config=generation_config,
                             **kwargs)
-        eos = config.eos_token_id
-        eos_ids = {eos} if isinstance(eos, int) else set(eos or [])
+        eos_ids = _id_set(config.eos_token_id)
         rows = sample_dropping_finished(
             model, input_ids, attention_mask, config.max_new_tokens, eos_ids, do_sample=bool(config.do_sample),
             temperature=config.temperature or 1.0, top_k=config.top_k or 0,

@@ -263,14 +263,6 @@ def make_rule_reward(rule: str, tokenizer: PreTrainedTokenizerBase, eos_token_id
     return functools.partial(rule_reward, rule=rule, tokenizer=tokenizer, eos_token_ids=list(eos_token_ids))
 
 
-def eos_ids(model, tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """Every id that ends a poem, as TRL's trainers count them: the tokenizer's eos and the generation config's."""
-    ids = [tokenizer.eos_token_id]
-    config = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids += [config] if isinstance(config, int) else list(config or [])
-    return sorted({i for i in ids if i is not None})
-
-
 class RewardModelReward:
     """A reward model from `train_reward.py`, scoring each prompt + poem + eos exactly as it was trained.
 
@@ -351,10 +343,11 @@ class _PoemRL:
     def _timed(self, poems: int, generate, *args):
         """Run TRL's own generation with our token sampler (and decoding loop), counting the poems and the seconds."""
         start = time.perf_counter()
-        model = self.accelerator.unwrap_model(self.model)  # what TRL's unwrap_model_for_generation hands generate to
+        # the model TRL's unwrap_model_for_generation calls generate on
+        decoding = (generate_dropping_finished(self.accelerator.unwrap_model(self.model)) if self.drop_finished
+                    else contextlib.nullcontext())
         try:
-            with token_sampler(self.sampler), (
-                    generate_dropping_finished(model) if self.drop_finished else contextlib.nullcontext()):
+            with token_sampler(self.sampler), decoding:
                 return generate(*args)
         finally:
             self.generation_seconds += time.perf_counter() - start
