@@ -106,10 +106,10 @@ class BaseModelArguments:
             "choices": ["drop", "truncate"],
         },
     )
-    hidden_size: int = field(default=192, metadata={"help": "Width of the model."})
-    intermediate_size: int = field(default=544, metadata={"help": "Width of each MLP's hidden layer."})
+    hidden_size: int = field(default=128, metadata={"help": "Width of the model."})
+    intermediate_size: int = field(default=352, metadata={"help": "Width of each MLP's hidden layer."})
     num_hidden_layers: int = field(default=4, metadata={"help": "Number of transformer blocks."})
-    num_attention_heads: int = field(default=6, metadata={"help": "Attention heads per block."})
+    num_attention_heads: int = field(default=4, metadata={"help": "Attention heads per block."})
     tie_word_embeddings: bool = field(
         default=True, metadata={"help": "Share input embedding and output projection (saves vocab x hidden)."}
     )
