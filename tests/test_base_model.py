@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments, pipeline
+from trl import TrlParser
 
 import train_base
 from poemdpo.data.forms import is_well_formed
@@ -221,3 +222,14 @@ def test_the_recipes_bf16_falls_back_to_fp32_on_a_cpu_without_bf16_units(tmp_pat
     fall_back_to_fp32(args)
     assert args.bf16 is fast_bf16
     assert (args.mixed_precision == "no") is not fast_bf16
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in Path("configs").glob("base_*.yaml")))
+def test_every_base_recipe_parses_and_only_the_default_writes_the_embedded_model(recipe):
+    """A recipe key train_base.py does not know stops the parser; a second recipe must not overwrite data/base_model,
+    which every later stage reads by default."""
+    parser = TrlParser((BaseModelArguments, TrainingArguments))
+    args, training_args = parser.parse_args_and_config(["--config", f"configs/{recipe}"])
+    model = build_model(args, train_char_tokenizer(["春眠不覺曉，處處聞啼鳥。"], min_frequency=1))
+    assert (model.config.hidden_size, model.config.num_attention_heads) == (args.hidden_size, args.num_attention_heads)
+    assert (training_args.output_dir == "data/base_model") is (recipe == "base_tiny_cpu.yaml")
