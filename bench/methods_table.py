@@ -19,12 +19,12 @@ evaluation 7.2 min on a quiet 2-core CPU, before evaluation scored the KL) and t
 5.7 min, configs/grpo_tiny_cpu.yaml).
 
 Each run is the method's training script and recipe exactly as `python -m poemdpo.pipeline --method M` runs it
-(poemdpo.pipeline.METHODS: same script, recipe, model, dataset and rule flags), plus `--seed s` and then --extra,
-in a child process whose output goes to <work_dir>/<method>/seed_<s>/train.log; grpo_reward_model first trains its
-judge (train_reward.py, the same seed and --extra) into <run>/judge, and its minutes and pairs are counted in the
-row. dpo_grpo and iterated_dpo go on from the dpo run of the same seed; iterated_dpo first samples its pairs from
-that model (build_dataset.py --on_policy_model, split and pairing as --dataset's stats.json records them) into
-<run>/pairs, and the sampling minutes and poems are counted in the row.
+(poemdpo.pipeline.METHODS: same script, recipe, model, dataset and rule flags, and RULE_OVERRIDES), plus `--seed s`
+and then --extra, in a child process whose output goes to <work_dir>/<method>/seed_<s>/train.log; grpo_reward_model
+first trains its judge (train_reward.py, the same seed and --extra) into <run>/judge, and its minutes and pairs are
+counted in the row. dpo_grpo and iterated_dpo go on from the dpo run of the same seed; iterated_dpo first samples
+its pairs from that model (build_dataset.py --on_policy_model, split and pairing as --dataset's stats.json records
+them) into <run>/pairs, and the sampling minutes and poems are counted in the row.
 Training seeds are --first_seed, --first_seed + 1, ... (42 is the recipes' own). Then
 `poemdpo.evaluation.evaluate.run` on the **test** split against --base_model: the same random titles (title seed 0),
 --poems_per_title poems each, sampling seed 0 for every run, so every run's poems pair slot by slot with dpo's.
@@ -63,7 +63,7 @@ from poemdpo.evaluation.evaluate import EvalArguments, compare, pooled_rule_rate
 from poemdpo.evaluation.plots import plot_methods  # noqa: E402
 from poemdpo.evaluation.tables import markdown_table  # noqa: E402
 from poemdpo.models.loading import looks_local  # noqa: E402
-from poemdpo.pipeline import METHODS, ON_POLICY_PAIRS, STARTS_FROM, training_inputs  # noqa: E402
+from poemdpo.pipeline import METHODS, ON_POLICY_PAIRS, RULE_OVERRIDES, STARTS_FROM, training_inputs  # noqa: E402
 from poemdpo.run_info import read_run_info  # noqa: E402
 
 BASELINE = "dpo"
@@ -201,7 +201,8 @@ def train_and_evaluate(method: str, seed: int, args: argparse.Namespace, extra: 
         judge_script, judge_recipe, _ = METHODS[JUDGE]
         commands.append([judge_script, "--config", judge_recipe, *common, "--output_dir", str(judge_dir), *extra])
         method_args = (*method_args, "--reward_model", str(judge_dir))
-    commands.append([script, *method_args, "--config", recipe, *common, "--output_dir", str(model_dir), *extra])
+    commands.append([script, *method_args, "--config", recipe, *common, "--output_dir", str(model_dir),
+                     *RULE_OVERRIDES.get((method, args.rule), ()), *extra])
 
     print(f"{method} seed {seed}: training, log in {log}", file=sys.stderr, flush=True)
     seconds = [run_script(command, log) for command in commands]

@@ -210,6 +210,13 @@ def test_the_default_trains_dpo_then_grpo_on_the_dpo_model_and_evaluates_against
     assert evaluate[evaluate.index("--model") + 1] == "data/dpo_grpo_seven_char"
     assert evaluate[evaluate.index("--reference") + 1] == "data/base_model"  # the whole way from the base model
 
+    # Without them, the rule's own setting: 七言's GRPO stage runs 100 steps (chosen on validation), 五言's 50.
+    # The user's --max_steps 3 above won over it.
+    for rule, steps in (("seven_char", 100), ("five_char", 50)):
+        stages.commands.clear()
+        pipeline.main(["--rule", rule])
+        assert parse_training_command(stages.command("train_rl.py"))[1].max_steps == steps
+
     stages.commands.clear()  # --dpo_config is the first stage's recipe, --config the second's
     pipeline.main(["--method", "dpo_grpo", "--dpo_config", "configs/dpo_chapter_linear_cpu.yaml",
                    "--config", "configs/grpo_tiny_cpu.yaml"])
