@@ -184,6 +184,26 @@ def test_well_formed_only_keeps_regular_poems(trained):
     assert 0 < len(regular) < len(every)  # the fixture's 杂言 poems are left out
 
 
+def test_rhyme_group_init_gives_the_characters_of_one_group_neighbouring_embeddings_and_leaves_the_rest():
+    from poemdpo.data import prosody
+    from poemdpo.evaluation.probes import embedding_neighbours_in_group
+
+    text = "".join(prosody.group_characters(g) for g in prosody.level_groups_all()) + "，。\n"
+    tokenizer = train_char_tokenizer([text], min_frequency=1)
+    args = BaseModelArguments(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    models = {}
+    for scale in (0.0, 2.0):
+        torch.manual_seed(0)
+        models[scale] = build_model(BaseModelArguments(**{**vars(args), "rhyme_group_init": scale}), tokenizer)
+    plain, seeded = (m.get_input_embeddings().weight for m in models.values())
+    comma = tokenizer.convert_tokens_to_ids("，")
+    assert torch.equal(plain[comma], seeded[comma])  # not a character of the rhyme book: untouched
+    assert torch.equal(plain, models[0.0].lm_head.weight) and torch.equal(seeded, models[2.0].lm_head.weight)
+    in_group, chance = embedding_neighbours_in_group(models[0.0], tokenizer)
+    assert in_group < chance + 0.05
+    assert embedding_neighbours_in_group(models[2.0], tokenizer)[0] > 0.9
+
+
 def test_bfd_training_loss_falls(tmp_path):
     corpus = _write_corpus(tmp_path)
     trainer = run(corpus, tmp_path / "model", "--max_steps", "12", "--packing_strategy", "bfd", "--save_steps", "50")

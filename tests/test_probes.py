@@ -9,7 +9,7 @@ import torch
 
 from poemdpo.data import prosody
 from poemdpo.data.prompts import build_prompt
-from poemdpo.evaluation.probes import probe_cases, rhyme_probe
+from poemdpo.evaluation.probes import embedding_neighbours_in_group, probe_cases, rhyme_probe
 from poemdpo.models.tokenizer import train_char_tokenizer
 
 POEMS = {  # rhyming 五绝: line 2 and line 4 end in one 平 group
@@ -28,7 +28,10 @@ class CopyingModel(torch.nn.Module):
     def __init__(self, vocab_size: int, copy: bool, favour: list[int] = ()):
         super().__init__()
         self.vocab_size, self.copy, self.favour = vocab_size, copy, list(favour)
-        self.dummy = torch.nn.Parameter(torch.zeros(1))
+        self.embed = torch.nn.Embedding(vocab_size, 32)
+
+    def get_input_embeddings(self):
+        return self.embed
 
     def forward(self, input_ids, attention_mask=None, **_):
         logits = torch.zeros(*input_ids.shape, self.vocab_size)
@@ -74,3 +77,18 @@ def test_true_rhyme_beats_random_counts_poems_where_the_model_favours_the_writte
     model = CopyingModel(len(tokenizer), copy=False, favour=tokenizer.convert_tokens_to_ids(last[:2]))
     result = rhyme_probe(model, tokenizer, list(POEMS), list(POEMS.values()), n=10)
     assert result.true_beats_random == pytest.approx(2 / 3)
+
+
+def test_embedding_neighbours_are_in_group_when_the_embeddings_carry_the_group_and_by_chance_otherwise(tokenizer):
+    model = CopyingModel(len(tokenizer), copy=False)
+    torch.manual_seed(0)
+    in_group, chance = embedding_neighbours_in_group(model, tokenizer)  # nn.Embedding's random init
+    assert 0.0 < chance < 0.1 and in_group < chance + 0.05
+    groups = prosody.level_groups_all()
+    with torch.no_grad():
+        for token, row in tokenizer.get_vocab().items():
+            level = prosody.level_groups(token) if len(token) == 1 else ()
+            if len(level) == 1 and len(prosody.rhyme_groups(token)) == 1:
+                model.embed.weight[row] = 0.1 * model.embed.weight[row] + torch.eye(32)[groups.index(next(iter(level)))]
+    in_group_after, _ = embedding_neighbours_in_group(model, tokenizer)
+    assert len(groups) <= 32 and in_group_after > 0.95  # one direction per group

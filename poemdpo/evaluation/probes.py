@@ -14,8 +14,11 @@ the project's char-level models).
 from __future__ import annotations
 
 import random
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+
+import torch
 
 from poemdpo.data import prosody
 from poemdpo.data.pairs import default_rhyme_candidates, line_end_positions
@@ -31,6 +34,8 @@ class RhymeProbe:
     new_group_intact: float  # mean probability on the swapped-in character's group, poem as written
     new_group_swapped: float  # that group, once line 2 ends in it
     true_beats_random: float  # share of poems where p(true rhyme) > p(random 平 character of another group)
+    neighbours_in_group: float | None = None  # `embedding_neighbours_in_group`: the model's own
+    neighbours_by_chance: float | None = None  # and what random embeddings would score
 
     @property
     def shift(self) -> float:
@@ -42,7 +47,8 @@ class RhymeProbe:
 
 
 PROBE_HEADER = ("model", "poems", "line 2's group, as written", "line 2's group, swapped away",
-                "new group, as written", "new group, swapped in", "shift", "true > random")
+                "new group, as written", "new group, swapped in", "shift", "true > random",
+                "embedding neighbour in group (chance)")
 
 
 def probe_table(rows: Sequence[tuple[str, RhymeProbe]]) -> str:
@@ -50,7 +56,9 @@ def probe_table(rows: Sequence[tuple[str, RhymeProbe]]) -> str:
     return markdown_table(PROBE_HEADER, [
         [name, r.poems, *(f"{100 * x:.1f}%" for x in (r.old_group_intact, r.old_group_swapped, r.new_group_intact,
                                                        r.new_group_swapped)),
-         f"{100 * r.shift:+.1f} pt", f"{100 * r.true_beats_random:.0f}%"] for name, r in rows])
+         f"{100 * r.shift:+.1f} pt", f"{100 * r.true_beats_random:.0f}%",
+         "—" if r.neighbours_in_group is None else
+         f"{100 * r.neighbours_in_group:.1f}% ({100 * r.neighbours_by_chance:.1f}%)"] for name, r in rows])
 
 
 @dataclass
@@ -99,6 +107,33 @@ def _group_ids(vocab: dict[str, int], group: str) -> list[int]:
     return sorted({vocab[c] for c in prosody.group_characters(group) if c in vocab})
 
 
+@torch.no_grad()
+def embedding_neighbours_in_group(model, tokenizer) -> tuple[float, float]:
+    """Share of the 平 characters with one rhyme group whose nearest input embedding (cosine) among them is of
+    their own group, and the share a random embedding would reach (the chance that two draws share a group).
+
+    A model can only copy "line 2's group" forward if its embeddings carry the group; these say whether they do.
+    """
+    groups = {}
+    for token, row in tokenizer.get_vocab().items():
+        if len(token) == 1 and len(prosody.rhyme_groups(token)) == 1:
+            level = prosody.level_groups(token)
+            if level:
+                groups[row] = next(iter(level))
+    if len(groups) < 2:
+        raise ValueError("fewer than two 平 characters of one rhyme group in the vocabulary")
+    rows = sorted(groups)
+    vectors = torch.nn.functional.normalize(model.get_input_embeddings().weight[rows].float(), dim=-1)
+    similarity = vectors @ vectors.T
+    similarity.fill_diagonal_(-2.0)
+    nearest = similarity.argmax(dim=1).tolist()
+    hits = sum(groups[rows[i]] == groups[rows[j]] for i, j in enumerate(nearest))
+    sizes = Counter(groups.values())
+    n = len(rows)
+    chance = sum(k * (k - 1) for k in sizes.values()) / (n * (n - 1))
+    return hits / n, chance
+
+
 def rhyme_probe(model, tokenizer, titles: Sequence[str], poems: Sequence[str], n: int = 256, seed: int = 0,
                 batch_size: int = 32, progress: bool = False) -> RhymeProbe:
     """Both probes on up to `n` held-out poems (see the module docstring)."""
@@ -127,6 +162,8 @@ def rhyme_probe(model, tokenizer, titles: Sequence[str], poems: Sequence[str], n
         if true_id is not None and random_id is not None:
             sums["beats"] += float(intact[i, true_id] > intact[i, random_id])
     k = len(cases)
+    in_group, by_chance = embedding_neighbours_in_group(model, tokenizer)
     return RhymeProbe(poems=k, old_group_intact=sums["old_intact"] / k, old_group_swapped=sums["old_swapped"] / k,
                       new_group_intact=sums["new_intact"] / k, new_group_swapped=sums["new_swapped"] / k,
-                      true_beats_random=sums["beats"] / k)
+                      true_beats_random=sums["beats"] / k, neighbours_in_group=in_group,
+                      neighbours_by_chance=by_chance)

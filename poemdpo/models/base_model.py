@@ -34,6 +34,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from trl import pack_dataset
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
+from poemdpo.data import prosody
 from poemdpo.data.corpus import DEFAULT_CORPUS, Poem, read_corpus
 from poemdpo.data.forms import is_well_formed
 from poemdpo.data.prompts import build_prompt
@@ -113,6 +114,14 @@ class BaseModelArguments:
     tie_word_embeddings: bool = field(
         default=True, metadata={"help": "Share input embedding and output projection (saves vocab x hidden)."}
     )
+    rhyme_group_init: float = field(
+        default=0.0,
+        metadata={"help": "Give every character the 平水韵 knows a head start on rhyme: add one random direction per "
+                  "rhyme group to its initial embedding (the mean of its groups' directions for a character with "
+                  "several), this many times as long as the embedding's own random part. 0 (the default): plain "
+                  "initialisation. A char-level model trained from scratch learns next to nothing about which "
+                  "characters share a rhyme group (issue #13, docs/prosody.md)."},
+    )
     torch_threads: int | None = field(
         default=None, metadata={"help": "torch.set_num_threads for training; unset leaves torch's default."}
     )
@@ -168,6 +177,8 @@ def build_model(args: BaseModelArguments, tokenizer: PreTrainedTokenizerFast) ->
         pad_token_id=tokenizer.pad_token_id,
     )
     model = LlamaForCausalLM(config)
+    if args.rhyme_group_init:
+        add_rhyme_group_directions(model.get_input_embeddings().weight, tokenizer, args.rhyme_group_init)
     model.generation_config = GenerationConfig(
         do_sample=True,
         temperature=args.temperature,
@@ -178,6 +189,27 @@ def build_model(args: BaseModelArguments, tokenizer: PreTrainedTokenizerFast) ->
         pad_token_id=tokenizer.pad_token_id,
     )
     return model
+
+
+@torch.no_grad()
+def add_rhyme_group_directions(embedding: torch.Tensor, tokenizer: PreTrainedTokenizerFast, scale: float) -> int:
+    """Add to each row of `embedding` whose token is a character of the 平水韵 the mean of its rhyme groups'
+    random directions, `scale` times the rows' own size; returns how many rows changed.
+
+    Characters of one group then share a component of their embedding, and with tied weights of their output
+    row too, so "a character of line 2's group" is one direction the model can copy forward from line 2 to
+    line 4. Drawn from torch's global generator, as the rest of the initialisation is.
+    """
+    groups = prosody.groups()
+    directions = torch.randn(len(groups), embedding.shape[1]) * embedding.std() * scale
+    index = {group: i for i, group in enumerate(groups)}
+    changed = 0
+    for token, row in tokenizer.get_vocab().items():
+        token_groups = prosody.rhyme_groups(token) if len(token) == 1 else frozenset()
+        if token_groups:
+            embedding[row] += directions[[index[g] for g in sorted(token_groups)]].mean(0).to(embedding.dtype)
+            changed += 1
+    return changed
 
 
 def packed_dataset(
