@@ -115,6 +115,20 @@ def test_rules_prefer_rhyme_and_reject_only_sure_failures_of_the_same_shapes():
     assert rejected(MIXED, "five_char") and not preferred(MIXED, "five_char")  # form rules: as before
 
 
+def test_five_char_rhyme_prefers_only_rhyming_five_char_poems_and_pairs_them_with_five_char_ones():
+    from poemdpo.data.rules import credit
+
+    assert preferred(DENG_GUAN_QUE_LOU, "five_char_rhyme") and preferred(JING_YE_SI, "five_char_rhyme")
+    assert not preferred(ZAO_FA_BAI_DI, "five_char_rhyme") and preferred(ZAO_FA_BAI_DI, "rhyme")  # 七言
+    assert rejected(CHUN_XIAO, "five_char_rhyme") and not preferred(CHUN_XIAO, "five_char_rhyme")
+    # credit: a 五言 poem that misses the rhyme outranks a rhyming 七言 one (no five-character line)
+    assert credit(CHUN_XIAO, "five_char_rhyme") > credit(ZAO_FA_BAI_DI, "five_char_rhyme") == 0.0
+    poems = [Poem(f"t{i}", "", text, str(i)) for i, text in
+             enumerate([DENG_GUAN_QUE_LOU, ZAO_FA_BAI_DI, CHUN_XIAO, swap(ZAO_FA_BAI_DI, "山", "花")])]
+    rows = build_pairs(poems, "five_char_rhyme", "length_matched", seed=0)
+    assert {(r["chosen"], r["rejected"]) for r in rows} == {(DENG_GUAN_QUE_LOU, CHUN_XIAO)}
+
+
 def test_rhyme_pairs_are_of_one_shape():
     seven_no_rhyme = swap(ZAO_FA_BAI_DI, "山", "花")  # 還 rhymes in 刪 or 先, 花 in 麻
     poems = [Poem(f"t{i}", "", text, str(i)) for i, text in

@@ -63,10 +63,10 @@ def prosody_report(text: str) -> prosody.ProsodyReport:
 
 
 def _prosody_rule(passes: Callable[[prosody.ProsodyReport], bool],
-                  nearness: Callable[[str, prosody.ProsodyReport], float]) -> Rule:
-    """A prosody rule's credit is half the shape (lines of five or seven characters) and half `nearness`, how
-    near the poem comes to the prosody (0 outside the shapes the checks are for): a regulated poem with two of
-    its four even lines in one group outranks one with none, and both outrank a wreck."""
+                  nearness: Callable[[str, prosody.ProsodyReport], float], lengths: tuple[int, ...] = (5, 7)) -> Rule:
+    """A prosody rule's credit is half the shape (lines of `lengths` characters) and half `nearness`, how near
+    the poem comes to the prosody (0 outside the shapes the checks are for): a regulated poem with two of its
+    four even lines in one group outranks one with none, and both outrank a wreck."""
 
     def prefers(text: str) -> bool:
         r = prosody_report(text)
@@ -79,7 +79,7 @@ def _prosody_rule(passes: Callable[[prosody.ProsodyReport], bool],
 
     def credit(text: str) -> float:
         r = prosody_report(text)
-        return 0.5 * line_length_share(text, (5, 7)) + 0.5 * (nearness(text, r) if r.applicable else 0.0)
+        return 0.5 * line_length_share(text, lengths) + 0.5 * (nearness(text, r) if r.applicable else 0.0)
 
     return Rule(prefers, rejects, credit, same_shape=True, near_miss="rhyme")
 
@@ -95,6 +95,11 @@ RULES: dict[str, Rule] = {
     # 合律: every prosody check passes (押韵, 二四分明, 对, 粘, no 孤平, no 三平尾, one of the four patterns); credit,
     # the share of those checks passed.
     "gelv": _prosody_rule(lambda r: r.helv, lambda text, r: r.score),
+    # A 五言 poem that rhymes: issue #13's target asks for both (rhyme on 五言 poems, strict 五言 kept). Pairs stay
+    # within the 五言 shapes; credit, the share of five-character lines and of even lines in one 平 group.
+    "five_char_rhyme": _prosody_rule(lambda r: r.rhyme and len(r.tones[0]) == 5,
+                                     lambda text, r: prosody.rhyme_share(text) if len(r.tones[0]) == 5 else 0.0,
+                                     lengths=(5,)),
 }
 
 
