@@ -4,8 +4,12 @@
     python bench/rhyme_slot_sft.py --slot_weight 10 --output_dir data/v3/rhyme_slot_sft_w10
     python bench/rhyme_slot_sft.py --slot_weight 1 --output_dir data/v3/rhyme_slot_sft_w1     # the control
 
-A diagnostic for issue #13, not a training road. The base models are blind to rhyme (bench/rhyme_probe.py: shift
-+0.0) and DPO on rhyme pairs leaves them so. One explanation is signal strength: in plain language-model training
+    python bench/rhyme_slot_sft.py --model data/v7/base_rg1 --slot_weight 100 --learning_rate 1e-3 \
+        --output_dir data/v7/rg1_slot_w100_lr1e3     # the setting that made a model rhyme (docs/prosody.md)
+
+A step of issue #13's rhyme chain (base with `--rhyme_group_init`, this, then GRPO), not yet a pipeline stage.
+The base models are blind to rhyme (bench/rhyme_probe.py: shift +0.0) and DPO on rhyme pairs leaves them so.
+One explanation is signal strength: in plain language-model training
 a rhyme slot is one token in twenty-five, and the loss it could save is spread over a vocabulary of thousands.
 This script trains with the ordinary next-token loss on the train split's rhyming poems (the rhyme rule's chosen
 poems, no held-out title), with the loss at the rhyme slots after line 2 (the last character of lines 4, 6, 8,
