@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 import train_dpo  # noqa: E402
 from poemdpo.errors import PoemDPOError  # noqa: E402
 from poemdpo.evaluation.evaluate import EvalArguments, compare, pooled_rule_rate, run  # noqa: E402
-from poemdpo.evaluation.metrics import mcnemar_exact, rate_with_interval  # noqa: E402
+from poemdpo.evaluation.metrics import format_p, mcnemar_exact, rate_with_interval  # noqa: E402
 from poemdpo.evaluation.tables import cell  # noqa: E402
 from poemdpo.models.loading import looks_local  # noqa: E402
 
@@ -138,7 +138,7 @@ def _row(cells: list[object]) -> None:
 
 
 def _paired(test: dict | None) -> list[str]:
-    return ["—", "—"] if test is None else [f"{test['a_only']} / {test['b_only']}", f"{test['p_value']:.3g}"]
+    return ["—", "—"] if test is None else [f"{test['a_only']} / {test['b_only']}", format_p(test["p_value"])]
 
 
 def pooled_test(tests: list[dict]) -> dict:

@@ -21,6 +21,7 @@ from poemdpo.evaluation.metrics import (
     distinct_n,
     dpo_reward_stats,
     form_distribution,
+    format_p,
     kl_to_reference,
     loss_per_character,
     mcnemar_exact,
@@ -196,6 +197,12 @@ def test_mcnemar_exact_known_values():
     assert balanced["p_value"] == 1.0 and balanced["a_only"] == balanced["b_only"] == 4
     with pytest.raises(ValueError):
         mcnemar_exact([True], [True, False])
+
+
+def test_a_p_value_that_underflows_is_shown_as_a_bound_not_as_zero():
+    lopsided = mcnemar_exact([True] * 2070, [False] * 2070)  # the chapter's objective (a) against DPO, roughly
+    assert lopsided["p_value"] == 0.0 and format_p(lopsided["p_value"]) == "< 1e-300"
+    assert format_p(0.0123456) == "0.0123" and format_p(1.0) == "1"
 
 
 # --- KL to the reference on sampled poems -----------------------------------------------------------------------

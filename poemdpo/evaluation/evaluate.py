@@ -39,6 +39,7 @@ from poemdpo.evaluation.metrics import (
     distinct_n,
     dpo_reward_stats,
     form_distribution,
+    format_p,
     kl_to_reference,
     loss_per_character,
     mcnemar_exact,
@@ -405,7 +406,7 @@ def markdown_report(report: dict) -> str:
         markdown_table(("metric", "aligned", "reference"), rows),
         "",
         f"Aligned against reference on the same {test['n_pairs']} title/seed/sample slots (exact McNemar): aligned "
-        f"only {test['a_only']}, reference only {test['b_only']}, p = {test['p_value']:.3g}.",
+        f"only {test['a_only']}, reference only {test['b_only']}, p = {format_p(test['p_value'])}.",
         "",
         (f"DPO implicit rewards on {rewards['n_pairs']} {settings['split']} pairs, as the recipe computed them "
          f"(β = {rewards['beta']}, ld_alpha = {rewards['ld_alpha']}, from {report['training_settings']['source']}): "
@@ -445,7 +446,7 @@ def headline(report: dict) -> str:
         )
     test, r = report["paired_test"], report["rewards"]
     out.append(f"paired    aligned only {test['a_only']}, reference only {test['b_only']}, McNemar p = "
-               f"{test['p_value']:.3g}")
+               f"{format_p(test['p_value'])}")
     out.append(f"rewards   accuracy {_pct(r['reward_accuracy'])}  mean margin {r['mean_margin']:.3f}  "
                f"(β={r['beta']}, ld_alpha={r['ld_alpha']})" if r else
                f"rewards   {report['training_settings']['source']}: no DPO rewards")

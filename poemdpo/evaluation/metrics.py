@@ -340,6 +340,12 @@ def rate_with_interval(successes: int, n: int) -> dict:
     return {"count": successes, "n": n, "rate": successes / n if n else 0.0, "ci95": [low, high]}
 
 
+def format_p(p: float) -> str:
+    """A p-value for a table: three significant digits, and "< 1e-300" where the exact test's float underflowed
+    to 0 (thousands of discordant slots all one way), which a bare "0" would misstate."""
+    return "< 1e-300" if p == 0 else f"{p:.3g}"
+
+
 def mcnemar_exact(a: Sequence[bool], b: Sequence[bool]) -> dict:
     """Exact (binomial) McNemar test on paired outcomes: the same titles and sample slots under two models.
 
