@@ -18,6 +18,7 @@ from transformers import HfArgumentParser
 
 from poemdpo.errors import PoemDPOError
 from poemdpo.evaluation.evaluate import EvalArguments, compare, headline, run
+from poemdpo.evaluation.metrics import format_p
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -28,7 +29,7 @@ def main(argv: list[str] | None = None) -> dict:
             result = compare(*args.compare)
             print(f"{args.compare[0]}: {result['rate_a']:.1%}  {args.compare[1]}: {result['rate_b']:.1%}  on "
                   f"{result['n_pairs']} paired slots; only the first {result['a_only']}, only the second "
-                  f"{result['b_only']}; exact McNemar p = {result['p_value']:.3g}")
+                  f"{result['b_only']}; exact McNemar p = {format_p(result['p_value'])}")
             return result
         report = run(args)
     except PoemDPOError as e:
