@@ -84,6 +84,11 @@ def _prosody_rule(passes: Callable[[prosody.ProsodyReport], bool],
     return Rule(prefers, rejects, credit, same_shape=True, near_miss="rhyme")
 
 
+def _five_char(r: prosody.ProsodyReport) -> bool:
+    """A regulated poem (`r.applicable`) of five-character lines; the prosody checks take 五言 and 七言 alike."""
+    return len(r.tones[0]) == 5
+
+
 RULES: dict[str, Rule] = {
     "five_char": _form_rule(lambda f: f.meter == "五言", (5,)),
     "seven_char": _form_rule(lambda f: f.meter == "七言", (7,)),
@@ -97,8 +102,8 @@ RULES: dict[str, Rule] = {
     "gelv": _prosody_rule(lambda r: r.helv, lambda text, r: r.score),
     # A 五言 poem that rhymes: issue #13's target asks for both (rhyme on 五言 poems, strict 五言 kept). Pairs stay
     # within the 五言 shapes; credit, the share of five-character lines and of even lines in one 平 group.
-    "five_char_rhyme": _prosody_rule(lambda r: r.rhyme and len(r.tones[0]) == 5,
-                                     lambda text, r: prosody.rhyme_share(text) if len(r.tones[0]) == 5 else 0.0,
+    "five_char_rhyme": _prosody_rule(lambda r: r.rhyme and _five_char(r),
+                                     lambda text, r: prosody.rhyme_share(text) if _five_char(r) else 0.0,
                                      lengths=(5,)),
 }
 

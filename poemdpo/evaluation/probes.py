@@ -34,8 +34,8 @@ class RhymeProbe:
     new_group_intact: float  # mean probability on the swapped-in character's group, poem as written
     new_group_swapped: float  # that group, once line 2 ends in it
     true_beats_random: float  # share of poems where p(true rhyme) > p(random 平 character of another group)
-    neighbours_in_group: float | None = None  # `embedding_neighbours_in_group`: the model's own
-    neighbours_by_chance: float | None = None  # and what random embeddings would score
+    neighbours_in_group: float  # `embedding_neighbours_in_group`: the model's own
+    neighbours_by_chance: float  # and what random embeddings would score
 
     @property
     def shift(self) -> float:
@@ -57,7 +57,6 @@ def probe_table(rows: Sequence[tuple[str, RhymeProbe]]) -> str:
         [name, r.poems, *(f"{100 * x:.1f}%" for x in (r.old_group_intact, r.old_group_swapped, r.new_group_intact,
                                                        r.new_group_swapped)),
          f"{100 * r.shift:+.1f} pt", f"{100 * r.true_beats_random:.0f}%",
-         "—" if r.neighbours_in_group is None else
          f"{100 * r.neighbours_in_group:.1f}% ({100 * r.neighbours_by_chance:.1f}%)"] for name, r in rows])
 
 

@@ -192,9 +192,9 @@ def build_model(args: BaseModelArguments, tokenizer: PreTrainedTokenizerFast) ->
 
 
 @torch.no_grad()
-def add_rhyme_group_directions(embedding: torch.Tensor, tokenizer: PreTrainedTokenizerFast, scale: float) -> int:
+def add_rhyme_group_directions(embedding: torch.Tensor, tokenizer: PreTrainedTokenizerFast, scale: float) -> None:
     """Add to each row of `embedding` whose token is a character of the 平水韵 the mean of its rhyme groups'
-    random directions, `scale` times the rows' own size; returns how many rows changed.
+    random directions, `scale` times the rows' own size.
 
     Characters of one group then share a component of their embedding, and with tied weights of their output
     row too, so "a character of line 2's group" is one direction the model can copy forward from line 2 to
@@ -203,13 +203,10 @@ def add_rhyme_group_directions(embedding: torch.Tensor, tokenizer: PreTrainedTok
     groups = prosody.groups()
     directions = torch.randn(len(groups), embedding.shape[1]) * embedding.std() * scale
     index = {group: i for i, group in enumerate(groups)}
-    changed = 0
     for token, row in tokenizer.get_vocab().items():
         token_groups = prosody.rhyme_groups(token) if len(token) == 1 else frozenset()
         if token_groups:
             embedding[row] += directions[[index[g] for g in sorted(token_groups)]].mean(0).to(embedding.dtype)
-            changed += 1
-    return changed
 
 
 def packed_dataset(
