@@ -58,3 +58,18 @@ def test_bench_dpo_times_the_trainer_train_dpo_builds(tmp_path, monkeypatch):
     model = make_tiny_model(tmp_path / "model", "llama")
     result = bench.run_ours(model, str(pairs), n_pairs=4, batch_size=2, max_length=64, warmup=1)
     assert result["timed_steps"] >= 1 and result["tokens_per_s"] > 0
+
+
+def test_rule_within_counts_a_rule_among_the_finished_poems_that_meet_another(tmp_path, monkeypatch):
+    import json
+
+    bench = _load("rule_within.py", monkeypatch)
+    five_rhyme = "床前明月光，疑是地上霜。\n舉頭望明月，低頭思故鄉。"
+    five_plain = "春眠不覺曉，處處聞啼鳥。\n夜來風雨聲，花落知多少。"
+    seven_rhyme = "朝辭白帝彩雲間，千里江陵一日還。\n兩岸猿聲啼不住，輕舟已過萬重山。"
+    rows = [(five_rhyme, True), (five_rhyme, False), (five_plain, True), (seven_rhyme, True)]
+    (tmp_path / "poems.jsonl").write_text("".join(
+        json.dumps({"aligned": {"text": t, "finished": f}}, ensure_ascii=False) + "\n" for t, f in rows), "utf-8")
+    result = bench.rule_within([str(tmp_path)], "rhyme", "five_char")
+    assert (result["within"]["count"], result["within"]["n"]) == (2, 4)  # the unfinished 五言 poem does not count
+    assert (result["rule_among"]["count"], result["rule_among"]["n"]) == (1, 2)
