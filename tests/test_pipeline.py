@@ -295,3 +295,52 @@ def test_help_lists_every_method(capsys):
         assert method in printed
     for script, recipe, _ in pipeline.METHODS.values():
         assert (pipeline.ROOT / script).is_file() and (pipeline.ROOT / recipe).is_file()
+
+
+def test_a_rhyme_rule_takes_the_rhyme_road_base_with_groups_slot_fine_tune_then_grpo(stages, tmp_path):
+    from transformers import HfArgumentParser
+    from trl import ModelConfig, SFTConfig, TrlParser
+
+    from build_dataset import BuildArguments
+    from poemdpo.training.sft import SFTScriptArguments
+
+    pipeline.main(["--rule", "five_char_rhyme", "--max_steps", "3"])  # the default method for a rhyme rule
+    assert stages.scripts() == ["build_dataset.py", "train_base.py", "build_dataset.py", "train_sft.py",
+                                "train_rl.py", "evaluate.py"]
+    base = stages.command("train_base.py")  # its own base model, trained with rhyme-group directions
+    assert base[base.index("--output_dir") + 1] == "data/base_model_rhyme"
+    assert base[base.index("--rhyme_group_init") + 1] == "1.0"
+    builds = [HfArgumentParser(BuildArguments).parse_args_into_dataclasses(args=c[1:])[0]
+              for _, c in stages.commands if c[0] == "build_dataset.py"]
+    assert [(b.rule, b.output_dir) for b in builds] == [("five_char_rhyme", "data/pairs_five_char_rhyme"),
+                                                        ("rhyme", "data/pairs_rhyme")]
+    sft = stages.command("train_sft.py")
+    script_args, args, model_args = TrlParser((SFTScriptArguments, SFTConfig, ModelConfig)).parse_args_and_config(
+        args=sft[1:])
+    assert (model_args.model_name_or_path, script_args.dataset_name) == ("data/base_model_rhyme", "data/pairs_rhyme")
+    assert (script_args.slot_weight, args.output_dir, args.max_steps) == (100, "data/slot_sft_rhyme", -1)
+    rl = stages.command("train_rl.py")
+    assert rl[rl.index("--config") + 1] == "configs/grpo_after_sft_cpu.yaml"
+    script_args, args, model_args = parse_training_command(rl)
+    assert (model_args.model_name_or_path, script_args.dataset_name) == ("data/slot_sft_rhyme",
+                                                                         "data/pairs_five_char_rhyme")
+    assert (script_args.rule, args.beta, args.max_steps) == ("five_char_rhyme", 0.04, 3)
+    evaluate = stages.command("evaluate.py")
+    assert evaluate[evaluate.index("--reference") + 1] == "data/base_model_rhyme"
+    assert evaluate[evaluate.index("--dataset") + 1] == "data/pairs_five_char_rhyme"
+
+    # The fine-tune does not depend on the rule: a second rhyme rule goes on from it without training it again.
+    (tmp_path / "data" / "slot_sft_rhyme").mkdir(parents=True)
+    (tmp_path / "data" / "slot_sft_rhyme" / "config.json").write_text("{}", encoding="utf-8")
+    (tmp_path / "data" / "base_model_rhyme").mkdir(parents=True)
+    (tmp_path / "data" / "base_model_rhyme" / "config.json").write_text("{}", encoding="utf-8")
+    stages.commands.clear()
+    pipeline.main(["--rule", "gelv"])
+    assert stages.scripts() == ["build_dataset.py", "train_rl.py", "evaluate.py"]
+    assert parse_training_command(stages.command("train_rl.py"))[0].rule == "gelv"
+    stages.commands.clear()
+    pipeline.main(["--rule", "rhyme", "--method", "slot_sft"])  # the fine-tune alone, on its rule's own pairs
+    assert stages.scripts() == ["build_dataset.py", "train_sft.py", "evaluate.py"]
+    sft = stages.command("train_sft.py")
+    assert sft[sft.index("--dataset_name") + 1] == "data/pairs_rhyme"
+    assert sft[sft.index("--output_dir") + 1] == "data/slot_sft_rhyme"

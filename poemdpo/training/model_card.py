@@ -52,9 +52,11 @@ def prompt_section(tokenizer, chat: bool) -> str:
             f"```json\n{rows}\n```\n\nrendered (`add_generation_prompt=True`):\n\n```text\n{rendered}\n```")
 
 
-def card_results(settings: dict, metrics: dict, metrics_title: str, sample_rates: dict, sample_table: str) -> str:
-    """The part every model card of the project shares: hyperparameters, final metrics, sample poems."""
-    return f"""## Hyperparameters
+def card_results(settings: dict, metrics: dict, metrics_title: str, sample_rates: dict | None = None,
+                 sample_table: str = "") -> str:
+    """The part every model card of the project shares: hyperparameters, final metrics, sample poems (a stage
+    that writes none, such as train_sft.py, leaves the last two sections out)."""
+    results = f"""## Hyperparameters
 
 ```json
 {json.dumps(settings, ensure_ascii=False, indent=2, default=str)}
@@ -65,7 +67,10 @@ def card_results(settings: dict, metrics: dict, metrics_title: str, sample_rates
 ```json
 {json.dumps(metrics, ensure_ascii=False, indent=2)}
 ```
-
+"""
+    if sample_rates is None:
+        return results
+    return results + f"""
 Share of sampled poems (temperature 1.0, held-out titles) that satisfy the rule:
 
 ```json
