@@ -33,21 +33,6 @@ def test_recipe_sweep_rows_a_method_without_dpo_rewards(monkeypatch):
     assert sweep.reward_accuracy({"rewards": {"reward_accuracy": 0.875}}) == sweep._pct(0.875)
 
 
-def test_rhyme_slot_sft_weights_the_rhyme_slots_after_line_two(monkeypatch):
-    """The slots weighted up are the last characters of lines 4, 6 and 8; the prompt is not trained on."""
-    from poemdpo.data.prompts import build_prompt
-    from poemdpo.models.tokenizer import train_char_tokenizer
-
-    sft = _load("rhyme_slot_sft.py", monkeypatch)
-    poem = "國破山河在，城春草木深。\n感時花濺淚，恨別鳥驚心。\n烽火連三月，家書抵萬金。\n白頭搔更短，渾欲不勝簪。"
-    prompt = build_prompt("春望")
-    tokenizer = train_char_tokenizer([prompt + poem], min_frequency=1)
-    ids, kinds = sft.encode(tokenizer, prompt, poem)
-    assert [tokenizer.decode([i]) for i, k in zip(ids, kinds, strict=True) if k == 2] == ["心", "金", "簪"]
-    assert tokenizer.decode([i for i, k in zip(ids, kinds, strict=True) if k == 0]) == prompt
-    assert ids[-1] == tokenizer.eos_token_id and kinds[-1] == 1
-
-
 def test_bench_dpo_times_the_trainer_train_dpo_builds(tmp_path, monkeypatch):
     """bench_dpo's `ours` variant drives train_dpo.main and times its steps: it broke silently once, when
     train_dpo stopped naming its trainer class (an AttributeError at the bench's first run)."""
