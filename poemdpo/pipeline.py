@@ -87,6 +87,7 @@ RHYME_BASE = {"slot_sft": ("data/base_model_rhyme", ("--rhyme_group_init", "1.0"
 # The slot fine-tune reads the rhyme rule's poems (五言 and 七言) whatever the rule: the 五言 ones alone have half the
 # rhyme slots, and GRPO after them reached 33.5% against 80.1% on validation. Trained once, if missing.
 SFT_RULE = "rhyme"
+SLOT_SFT_DIR = f"data/slot_sft_{SFT_RULE}"
 
 
 @dataclass
@@ -197,10 +198,19 @@ def sft_pairs(args: PipelineArguments, dataset: list[str], seconds: dict[str, fl
     return path
 
 
+def check_slot_sft(base_model: str) -> None:
+    """A fine-tune left by an earlier run is reused only if it was made from this run's base model."""
+    if (ROOT / SLOT_SFT_DIR / "config.json").is_file():
+        trained_from = read_run_info(ROOT / SLOT_SFT_DIR).get("base_model")
+        if trained_from != base_model:
+            sys.exit(f"pipeline: {SLOT_SFT_DIR} was fine-tuned from {trained_from!r}, not from the base model "
+                     f"{base_model!r}; delete it to fine-tune again, or pass --base_model {trained_from}")
+
+
 def slot_sft_stage(args: PipelineArguments, model: str, dataset: list[str], seconds: dict[str, float]) -> str:
     """The rhyme slot fine-tune slot_sft_grpo goes on from, into data/slot_sft_rhyme; trained if missing, as the
-    base model is (its poems and recipe do not depend on the run's rule)."""
-    out = f"data/slot_sft_{SFT_RULE}"
+    base model is (its poems and recipe do not depend on the run's rule), and refused if another base made it."""
+    out = SLOT_SFT_DIR
     if not (ROOT / out / "config.json").is_file():
         script, recipe, _ = METHODS["slot_sft"]
         inputs = training_inputs(model, sft_pairs(args, dataset, seconds), SFT_RULE)
@@ -218,9 +228,10 @@ def main(argv: list[str] | None = None) -> dict:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     args, overrides = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     args.method = args.method or DEFAULT_METHODS.get(args.rule, DEFAULT_METHOD)
-    base_flags: tuple[str, ...] = ()
-    if args.base_model is None:
-        args.base_model, base_flags = RHYME_BASE.get(args.method, ("data/base_model", ()))
+    default_base, base_flags = RHYME_BASE.get(args.method, ("data/base_model", ()))
+    args.base_model = args.base_model or default_base
+    if STARTS_FROM.get(args.method) == "slot_sft":
+        check_slot_sft(args.base_model)
     if args.reward_model is not None and args.method != "grpo_reward_model":
         sys.exit(f"pipeline: --reward_model is the judge of --method grpo_reward_model, not of {args.method}")
     script, _, method_args = METHODS[args.method]

@@ -4,6 +4,7 @@ other road (--method) wired to its script, recipe and evaluation, with the stage
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 from datasets import load_dataset
@@ -332,6 +333,8 @@ def test_a_rhyme_rule_takes_the_rhyme_road_base_with_groups_slot_fine_tune_then_
     # The fine-tune does not depend on the rule: a second rhyme rule goes on from it without training it again.
     (tmp_path / "data" / "slot_sft_rhyme").mkdir(parents=True)
     (tmp_path / "data" / "slot_sft_rhyme" / "config.json").write_text("{}", encoding="utf-8")
+    (tmp_path / "data" / "slot_sft_rhyme" / "poemdpo.json").write_text(
+        json.dumps({"base_model": "data/base_model_rhyme"}), encoding="utf-8")
     (tmp_path / "data" / "base_model_rhyme").mkdir(parents=True)
     (tmp_path / "data" / "base_model_rhyme" / "config.json").write_text("{}", encoding="utf-8")
     stages.commands.clear()
@@ -344,3 +347,21 @@ def test_a_rhyme_rule_takes_the_rhyme_road_base_with_groups_slot_fine_tune_then_
     sft = stages.command("train_sft.py")
     assert sft[sft.index("--dataset_name") + 1] == "data/pairs_rhyme"
     assert sft[sft.index("--output_dir") + 1] == "data/slot_sft_rhyme"
+
+
+def test_the_rhyme_road_refuses_a_fine_tune_of_another_base_and_trains_a_named_base_with_groups(stages, tmp_path,
+                                                                                                capsys):
+    (tmp_path / "data" / "slot_sft_rhyme").mkdir(parents=True)
+    (tmp_path / "data" / "slot_sft_rhyme" / "config.json").write_text("{}", encoding="utf-8")
+    (tmp_path / "data" / "slot_sft_rhyme" / "poemdpo.json").write_text(
+        json.dumps({"base_model": "data/base_model_rhyme"}), encoding="utf-8")
+    with pytest.raises(SystemExit, match="fine-tuned from 'data/base_model_rhyme', not from the base model "
+                                         "'data/my_base'"):
+        pipeline.main(["--rule", "five_char_rhyme", "--base_model", "data/my_base"])
+    assert stages.commands == []  # refused before any stage ran
+    shutil.rmtree(tmp_path / "data" / "slot_sft_rhyme")
+    pipeline.main(["--rule", "five_char_rhyme", "--base_model", "data/my_base", "--output_dir", "data/mine"])
+    base = stages.command("train_base.py")  # a base of the user's naming still gets the rhyme groups
+    assert base[base.index("--output_dir") + 1] == "data/my_base" and "--rhyme_group_init" in base
+    sft = stages.command("train_sft.py")
+    assert sft[sft.index("--model_name_or_path") + 1] == "data/my_base"
