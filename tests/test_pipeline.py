@@ -325,7 +325,7 @@ def test_a_rhyme_rule_takes_the_rhyme_road_base_with_groups_slot_fine_tune_then_
     script_args, args, model_args = parse_training_command(rl)
     assert (model_args.model_name_or_path, script_args.dataset_name) == ("data/slot_sft_rhyme",
                                                                          "data/pairs_five_char_rhyme")
-    assert (script_args.rule, args.beta, args.max_steps) == ("five_char_rhyme", 0.04, 3)
+    assert (script_args.rule, args.beta, args.max_steps) == ("five_char_rhyme", 0.08, 3)
     evaluate = stages.command("evaluate.py")
     assert evaluate[evaluate.index("--reference") + 1] == "data/base_model_rhyme"
     assert evaluate[evaluate.index("--dataset") + 1] == "data/pairs_five_char_rhyme"
