@@ -107,6 +107,7 @@ def test_train_sft_trains_and_saves_a_loadable_model(base_dir, pairs_dir, tmp_pa
 @pytest.mark.parametrize("extra, message", [
     (["--slot_weight", "0"], "slot_weight must be positive"),
     (["--packing", "true"], "packing: true would merge poems"),
+    (["--truncation_mode", "keep_end"], "truncation_mode: keep_end would cut"),
     (["--dataset_name", "data/no_such_pairs"], "does not exist"),
 ])
 def test_bad_settings_are_one_clear_sentence(base_dir, pairs_dir, tmp_path, capsys, extra, message):

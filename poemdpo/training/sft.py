@@ -187,6 +187,9 @@ def check_settings(args: SFTConfig, script_args: SFTScriptArguments) -> None:
         raise PoemDPOError(f"slot_weight must be positive, got {script_args.slot_weight}")
     if args.packing:
         raise PoemDPOError("packing: true would merge poems and drop their loss_weights; train_sft.py pads instead")
+    if args.truncation_mode != "keep_start":
+        raise PoemDPOError("truncation_mode: keep_end would cut input_ids from the front but not their loss_weights; "
+                           "train_sft.py keeps the start")
 
 
 def last_metrics(log_history: Sequence[dict]) -> dict:
