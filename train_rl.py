@@ -14,10 +14,12 @@ Without --config the method's recipe is read. Every field of the recipe can be o
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 
 from trl import ModelConfig, TrlParser, get_peft_config
 
 from poemdpo.data.prompts import CHAPTER_TITLES
+from poemdpo.data.splits import SplitSpec, check_same_splits
 from poemdpo.errors import PoemDPOError
 from poemdpo.models import loading
 from poemdpo.models.generation import eos_token_ids
@@ -50,6 +52,7 @@ from poemdpo.training.rl import (
     write_rl_card,
 )
 from poemdpo.training.samples import SamplePoemsCallback
+from poemdpo.training.sft import poems_dataset
 
 
 def main(argv: list[str] | None = None):
@@ -106,14 +109,27 @@ def main(argv: list[str] | None = None):
             reward = make_rule_reward(rule, tokenizer, eos)
             reward_name = f"the rule `{rule}` (rule_reward: 1 for a finished poem it prefers, else 0.5 × the share " \
                           "of lines of its length)"
+
+        # 5. The ptx term's poems (PPO-ptx, off unless ptx_coef > 0): chosen poems of a train split, every token 1.
+        ptx_poems = None
+        if script_args.ptx_coef:
+            ptx_pairs = dataset
+            if script_args.ptx_dataset:
+                ptx_pairs, ptx_stats = load_pairs(replace(script_args, dataset_name=script_args.ptx_dataset))
+                check_same_splits(splits, SplitSpec.from_dict(ptx_stats.get("splits")),
+                                  f"ptx dataset {script_args.ptx_dataset!r}")
+            ptx_poems = poems_dataset(ptx_pairs[script_args.dataset_train_split], tokenizer, slot_weight=1.0)
+            reward_name += (f"; plus PPO-ptx: {script_args.ptx_coef} × the next-token loss of "
+                            f"{script_args.ptx_batch_size} train-split chosen poems a step")
     except PoemDPOError as e:
         parser.error(str(e))
 
-    # 5. Train.
+    # 6. Train.
     trainer = TRAINERS[method](
         model=model, reward_funcs=[reward], args=args, train_dataset=prompts, processing_class=tokenizer,
         peft_config=get_peft_config(model_args), sampler=script_args.sampler,
-        drop_finished=script_args.drop_finished,
+        drop_finished=script_args.drop_finished, ptx_poems=ptx_poems, ptx_coef=script_args.ptx_coef,
+        ptx_batch_size=script_args.ptx_batch_size,
     )
     if isinstance(reward, RewardModelReward):
         reward.to(trainer.accelerator.device)
@@ -126,7 +142,7 @@ def main(argv: list[str] | None = None):
     resume = args.resume_from_checkpoint
     trainer.train(resume_from_checkpoint=True if resume in ("true", "True") else resume)
 
-    # 6. Save model + tokenizer + card + run record.
+    # 7. Save model + tokenizer + card + run record.
     trainer.save_model(args.output_dir)
     if trainer.is_world_process_zero():
         throughput = trainer.completions_generated / trainer.generation_seconds if trainer.generation_seconds else 0
@@ -140,7 +156,7 @@ def main(argv: list[str] | None = None):
             "completions": trainer.completions_generated, "generation_seconds": trainer.generation_seconds,
             "sampler": script_args.sampler, "drop_finished": script_args.drop_finished,
             "num_generations": getattr(args, "num_generations", 2),  # online DPO: always a pair
-            "max_completion_length": getattr(args, limit),
+            "max_completion_length": getattr(args, limit), "ptx_coef": script_args.ptx_coef,
             **{key: getattr(args, key) for key in ("beta", "temperature", "top_k", "top_p", "learning_rate")},
         })
         last = samples.last or (samples.sample(trainer.state.global_step) if sample_titles else {})

@@ -170,6 +170,33 @@ def test_rl_with_the_rule_keeps_a_kl_penalty_and_saves_a_loadable_policy(tmp_pat
     assert f"base_model: {base_dir}" in card and f"tags: [trl, {method}" in card and "rule_reward" in card
 
 
+def test_ptx_adds_the_next_token_loss_of_corpus_poems_to_every_rl_step(tmp_path, base_dir, pairs_dir, monkeypatch):
+    """PPO-ptx: the RL loss plus ptx_coef x the mean NLL of a batch of the train split's chosen poems."""
+    calls = []
+    rl_loss = torch.tensor(0.25)
+    trainer = run(tmp_path / "ptx", base_dir, pairs_dir, "grpo", "--ptx_coef", "0.5", "--ptx_batch_size", "4",
+                  "--sample_titles", "0")
+    logs = [e for e in trainer.state.log_history if "loss" in e]
+    assert len(logs) == 3 and all(e["ptx_nll"] > 0 for e in logs)
+    info = json.loads((tmp_path / "ptx" / "poemdpo.json").read_text(encoding="utf-8"))
+    assert info["ptx_coef"] == 0.5 and "PPO-ptx" in (tmp_path / "ptx" / "README.md").read_text(encoding="utf-8")
+    # The term itself, on the next batch: TRL's loss (stubbed) + 0.5 x the model's own loss on those poems.
+    monkeypatch.setattr(rl.GRPOTrainer, "compute_loss", lambda self, *a, **k: calls.append(1) or rl_loss)
+    position = trainer._ptx_position
+    batch = trainer.next_ptx_batch()
+    assert batch["input_ids"].shape[0] == 4 and (batch["labels"] == -100).any()  # the prompts are not learned
+    trainer._ptx_position = position
+    model = trainer.model.train()
+    with torch.no_grad():
+        got = trainer.compute_loss(model, {})
+        expected = rl_loss + 0.5 * model(**batch).loss
+    assert calls and torch.allclose(got, expected)
+    # Off by default: the loss is TRL's alone.
+    trainer._ptx = None
+    with torch.no_grad():
+        assert trainer.compute_loss(model, {}) is rl_loss
+
+
 def test_online_dpo_pairs_two_poems_per_title_and_the_rule_reads_each_poem_to_its_eos(tmp_path, base_dir, pairs_dir,
                                                                                     monkeypatch):
     seen = []  # the token ids the rule was handed, poem by poem
@@ -264,6 +291,8 @@ def test_completion_length_comes_from_the_model_and_long_titles_stay_out(base_di
         (["--max_completion_length", "400"], "max_completion_length 400 does not fit"),
         (["--beta", "-0.1"], "beta must be >= 0"),
         (["--dataset_name", "data/no_such_pairs"], "dataset 'data/no_such_pairs' does not exist"),
+        (["--ptx_coef", "-1"], "ptx_coef must be >= 0"),
+        (["--ptx_coef", "0.5", "--ptx_dataset", "data/no_such_pairs"], "dataset 'data/no_such_pairs' does not exist"),
     ],
 )
 def test_bad_input_is_one_clear_sentence(tmp_path, base_dir, pairs_dir, capsys, extra, message):

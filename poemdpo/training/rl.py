@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
@@ -116,6 +117,17 @@ class RLScriptArguments:
                   "multinomial (torch.multinomial, transformers' own). The same distribution.",
                   "choices": list(SAMPLERS)},
     )
+    ptx_coef: float = field(
+        default=0.0,
+        metadata={"help": "InstructGPT's PPO-ptx, for GRPO and RLOO: add ptx_coef x the next-token loss on a batch "
+                  "of the train split's chosen poems (--ptx_dataset) to every step's loss, so that RL does not "
+                  "buy its reward with the language. 0: off."},
+    )
+    ptx_dataset: str | None = field(
+        default=None, metadata={"help": "Pairs whose train split's chosen poems the ptx term reads (default: "
+                                "--dataset_name)."},
+    )
+    ptx_batch_size: int = field(default=32, metadata={"help": "Poems per step in the ptx term."})
     drop_finished: bool = field(
         default=DROP_FINISHED,
         metadata={"help": "TRL's generate call decodes with generation.sample_dropping_finished (finished poems leave "
@@ -147,6 +159,12 @@ def check_settings(args: GRPOConfig | RLOOConfig | OnlineDPOConfig, script_args:
     for name in ("sample_every_steps", "reward_batch_size", "max_prompt_tokens"):
         if getattr(script_args, name) < 1:
             raise PoemDPOError(f"{name} must be at least 1")
+    if script_args.ptx_coef < 0:
+        raise PoemDPOError(f"ptx_coef must be >= 0, got {script_args.ptx_coef}")
+    if script_args.ptx_coef and isinstance(args, OnlineDPOConfig):
+        raise PoemDPOError("ptx_coef is for GRPO and RLOO; online DPO's loss has no room for it here")
+    if script_args.ptx_batch_size < 1:
+        raise PoemDPOError("ptx_batch_size must be at least 1")
     if script_args.max_train_titles is not None and script_args.max_train_titles < 1:
         raise PoemDPOError("max_train_titles must be at least 1 (or unset for all)")
 
@@ -332,8 +350,12 @@ class _PoemRL:
     sample poems' rates, as `PoemDPOTrainer` does), every training log carries β, and the time spent writing
     poems is counted, so the run reports its generation throughput."""
 
-    def __init__(self, *args, sampler: str = DEFAULT_SAMPLER, drop_finished: bool = DROP_FINISHED, **kwargs):
+    def __init__(self, *args, sampler: str = DEFAULT_SAMPLER, drop_finished: bool = DROP_FINISHED,
+                 ptx_poems: Dataset | None = None, ptx_coef: float = 0.0, ptx_batch_size: int = 32, **kwargs):
         super().__init__(*args, **kwargs)
+        self.ptx_coef, self.ptx_batch_size = ptx_coef, ptx_batch_size
+        self._ptx = ptx_poems.shuffle(seed=self.args.seed) if ptx_poems is not None and ptx_coef else None
+        self._ptx_position = 0
         self.pending_metrics: dict[str, float] = {}
         self.generation_seconds, self.completions_generated = 0.0, 0
         self._window = (0.0, 0)
@@ -352,6 +374,31 @@ class _PoemRL:
         finally:
             self.generation_seconds += time.perf_counter() - start
             self.completions_generated += poems
+
+    def next_ptx_batch(self) -> dict[str, torch.Tensor]:
+        """The next ptx_batch_size poems of the shuffled ptx poems (round and round), padded, on the model's device."""
+        rows = [self._ptx[(self._ptx_position + i) % len(self._ptx)] for i in range(self.ptx_batch_size)]
+        self._ptx_position += self.ptx_batch_size
+        width = max(len(r["input_ids"]) for r in rows)
+        pad = self.processing_class.pad_token_id
+
+        def padded(key: str, value: int) -> torch.Tensor:
+            return torch.tensor([r[key] + [value] * (width - len(r[key])) for r in rows])
+
+        mask = torch.tensor([[1] * len(r["input_ids"]) + [0] * (width - len(r["input_ids"])) for r in rows])
+        batch = {"input_ids": padded("input_ids", pad), "attention_mask": mask, "labels": padded("labels", -100)}
+        return {k: v.to(self.accelerator.device) for k, v in batch.items()}
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """TRL's RL loss, plus ptx_coef x the mean next-token loss of a batch of corpus poems (PPO-ptx), scaled
+        for gradient accumulation as TRL scales its own (the RL trainers' loss is already per accumulation step)."""
+        loss = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                    num_items_in_batch=num_items_in_batch)
+        if self._ptx is None or not model.training:
+            return loss
+        nll = model(**self.next_ptx_batch(), use_cache=False).loss
+        self._metrics["train"]["ptx_nll"].append(nll.item())
+        return loss + self.ptx_coef * nll / self.current_gradient_accumulation_steps
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self.model.training:
