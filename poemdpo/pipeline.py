@@ -82,8 +82,8 @@ RHYME_RULES = ("rhyme", "five_char_rhyme", "gelv")
 DEFAULT_METHODS = {rule: "slot_sft_grpo" for rule in RHYME_RULES}
 # Methods that need a base model whose embeddings start with a direction per rhyme group; without it the rhyme
 # slot fine-tune moves the rhyme probe +11.3 points instead of +28.9, and GRPO after it rhymes 58.6% against 73.2%.
-RHYME_BASE = {"slot_sft": ("data/base_model_rhyme", ("--rhyme_group_init", "1.0")),
-              "slot_sft_grpo": ("data/base_model_rhyme", ("--rhyme_group_init", "1.0"))}
+RHYME_BASE_METHODS = ("slot_sft", "slot_sft_grpo")
+RHYME_BASE, RHYME_BASE_FLAGS = "data/base_model_rhyme", ("--rhyme_group_init", "1.0")
 # The slot fine-tune reads the rhyme rule's poems (五言 and 七言) whatever the rule: the 五言 ones alone have half the
 # rhyme slots, and GRPO after them reached 33.5% against 80.1% on validation. Trained once, if missing.
 SFT_RULE = "rhyme"
@@ -228,9 +228,13 @@ def main(argv: list[str] | None = None) -> dict:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     args, overrides = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     args.method = args.method or DEFAULT_METHODS.get(args.rule, DEFAULT_METHOD)
-    default_base, base_flags = RHYME_BASE.get(args.method, ("data/base_model", ()))
-    args.base_model = args.base_model or default_base
+    rhyme_base = args.method in RHYME_BASE_METHODS
+    base_flags = RHYME_BASE_FLAGS if rhyme_base else ()
+    args.base_model = args.base_model or (RHYME_BASE if rhyme_base else "data/base_model")
     if STARTS_FROM.get(args.method) == "slot_sft":
+        if args.dpo_config is not None:
+            sys.exit("pipeline: --dpo_config is the DPO stage's recipe; --method slot_sft_grpo has none (its fine-tune "
+                     "reads configs/sft_rhyme_slots_cpu.yaml)")
         check_slot_sft(args.base_model)
     if args.reward_model is not None and args.method != "grpo_reward_model":
         sys.exit(f"pipeline: --reward_model is the judge of --method grpo_reward_model, not of {args.method}")

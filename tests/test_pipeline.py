@@ -279,6 +279,7 @@ def test_config_and_the_old_dpo_config_name(stages):
       "configs/dpo_chapter_linear_cpu.yaml"],
      "give one of them"),
     (["--method", "grpo", "--reward_model", "data/rm"], "--reward_model is the judge of --method grpo_reward_model"),
+    (["--rule", "gelv", "--dpo_config", "configs/dpo_tiny_cpu.yaml"], "--method slot_sft_grpo has none"),
 ])
 def test_arguments_that_do_not_fit_the_method_stop_before_any_stage(stages, argv, message):
     with pytest.raises(SystemExit, match=message):
