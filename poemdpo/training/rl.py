@@ -28,6 +28,7 @@ from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
+from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from poemdpo.data.prompts import build_prompt, conversational, title_of
 from poemdpo.data.rules import RULES, credit, preferred
@@ -379,15 +380,8 @@ class _PoemRL:
         """The next ptx_batch_size poems of the shuffled ptx poems (round and round), padded, on the model's device."""
         rows = [self._ptx[(self._ptx_position + i) % len(self._ptx)] for i in range(self.ptx_batch_size)]
         self._ptx_position += self.ptx_batch_size
-        width = max(len(r["input_ids"]) for r in rows)
-        pad = self.processing_class.pad_token_id
-
-        def padded(key: str, value: int) -> torch.Tensor:
-            return torch.tensor([r[key] + [value] * (width - len(r[key])) for r in rows])
-
-        mask = torch.tensor([[1] * len(r["input_ids"]) + [0] * (width - len(r["input_ids"])) for r in rows])
-        batch = {"input_ids": padded("input_ids", pad), "attention_mask": mask, "labels": padded("labels", -100)}
-        return {k: v.to(self.accelerator.device) for k, v in batch.items()}
+        batch = DataCollatorForLanguageModeling(pad_token_id=self.processing_class.pad_token_id)(rows)
+        return {k: batch[k].to(self.accelerator.device) for k in ("input_ids", "attention_mask", "labels")}
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """TRL's RL loss, plus ptx_coef x the mean next-token loss of a batch of corpus poems (PPO-ptx), scaled
