@@ -16,18 +16,17 @@ from trl import TrlParser
 
 from poemdpo.errors import PoemDPOError
 from poemdpo.models.base_model import BaseModelArguments, train_base
+from poemdpo.training.recipe import parse_recipe, with_default_recipe
 
 DEFAULT_CONFIG = "configs/base_tiny_cpu.yaml"
 
 
 def main(argv: list[str] | None = None) -> Trainer:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if "--config" not in argv and not {"-h", "--help"} & set(argv):
-        argv = ["--config", DEFAULT_CONFIG, *argv]
+    argv = with_default_recipe(sys.argv[1:] if argv is None else argv, DEFAULT_CONFIG)
     parser = TrlParser((BaseModelArguments, TrainingArguments), description=__doc__)
-    args, training_args = parser.parse_args_and_config(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
+        args, training_args = parse_recipe(parser, argv)
         trainer = train_base(args, training_args)
     except PoemDPOError as e:
         parser.error(str(e))

@@ -23,7 +23,6 @@ from poemdpo.data.prompts import CHAPTER_TITLES
 from poemdpo.errors import PoemDPOError
 from poemdpo.run_info import write_run_info
 from poemdpo.training.dpo import (
-    argument_keys,
     check_removed_keys,
     check_settings,
     check_splits_match,
@@ -36,7 +35,6 @@ from poemdpo.training.dpo import (
     load_policy,
     load_tokenizer,
     preference_rule,
-    read_recipe,
     select_pairs,
     to_conversational,
     use_chat_format,
@@ -54,6 +52,7 @@ from poemdpo.training.methods import (
     parser_classes,
     write_card,
 )
+from poemdpo.training.recipe import argument_keys, parse_recipe, read_recipe, with_default_recipe
 from poemdpo.training.samples import SamplePoemsCallback
 from poemdpo.training.speed import use_compact_lm_head, with_lengths
 
@@ -65,18 +64,14 @@ def main(argv: list[str] | None = None) -> Trainer:
         method = method_of(argv, read_recipe(argv))
     except PoemDPOError as e:
         TrlParser(parser_classes("dpo")).error(str(e))
-    if "--config" not in argv and not {"-h", "--help"} & set(argv):
-        argv = ["--config", RECIPES[method], *argv]
+    argv = with_default_recipe(argv, RECIPES[method])
     parser = TrlParser(parser_classes(method))
     try:
         # 1. Arguments: recipe YAML, then the command line; refuse what TRL would silently drop, and another method's
         #    settings.
         check_removed_keys(argv, METHODS[method])
         check_method_keys(argument_keys(argv), method)
-        try:
-            script_args, args, model_args = parser.parse_args_and_config(args=argv)
-        except ValueError as e:  # unknown keys in the recipe or on the command line, bad values
-            raise PoemDPOError(str(e)) from None
+        script_args, args, model_args = parse_recipe(parser, argv)
         check_settings(args, script_args)
         check_method_settings(method, args)
         if args.push_to_hub:

@@ -26,6 +26,7 @@ from poemdpo.training.dpo import (
     to_conversational,
     use_chat_format,
 )
+from poemdpo.training.recipe import parse_recipe, with_default_recipe
 from poemdpo.training.reward import (
     RewardScriptArguments,
     check_settings,
@@ -40,15 +41,11 @@ DEFAULT_RECIPE = "configs/reward_tiny_cpu.yaml"
 
 def main(argv: list[str] | None = None) -> RewardTrainer:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if "--config" not in argv and not {"-h", "--help"} & set(argv):
-        argv = ["--config", DEFAULT_RECIPE, *argv]
+    argv = with_default_recipe(argv, DEFAULT_RECIPE)
     parser = TrlParser((RewardScriptArguments, RewardConfig, ModelConfig))
     try:
         # 1. Arguments: recipe YAML, then the command line.
-        try:
-            script_args, args, model_args = parser.parse_args_and_config(args=argv)
-        except ValueError as e:  # unknown keys in the recipe or on the command line, bad values
-            raise PoemDPOError(str(e)) from None
+        script_args, args, model_args = parse_recipe(parser, argv)
         check_settings(args, script_args, model_args)
 
         # 2. Data: the same pairs as DPO, holding out the same titles as the base model.

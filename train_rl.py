@@ -30,9 +30,9 @@ from poemdpo.training.dpo import (
     held_out_titles,
     load_pairs,
     preference_rule,
-    read_recipe,
     use_chat_format,
 )
+from poemdpo.training.recipe import parse_recipe, read_recipe, with_default_recipe
 from poemdpo.training.rl import (
     METHODS,
     RECIPES,
@@ -62,15 +62,11 @@ def main(argv: list[str] | None = None):
         method = method_of(argv, read_recipe(argv))
     except PoemDPOError as e:
         TrlParser((RLScriptArguments, METHODS["grpo"][0], ModelConfig)).error(str(e))
-    if "--config" not in argv and not {"-h", "--help"} & set(argv):
-        argv = ["--config", RECIPES[method], *argv]
+    argv = with_default_recipe(argv, RECIPES[method])
     parser = TrlParser((RLScriptArguments, METHODS[method][0], ModelConfig))
     try:
         # 1. Arguments: recipe YAML, then the command line.
-        try:
-            script_args, args, model_args = parser.parse_args_and_config(args=argv)
-        except ValueError as e:  # unknown keys in the recipe or on the command line, bad values
-            raise PoemDPOError(str(e)) from None
+        script_args, args, model_args = parse_recipe(parser, argv)
         check_settings(args, script_args)
 
         # 2. Data: the train split's titles are the prompts; held-out titles for the sample poems.

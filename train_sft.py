@@ -28,6 +28,7 @@ from poemdpo.training.dpo import (
     preference_rule,
 )
 from poemdpo.training.hub import check_hub_access, push_final_model
+from poemdpo.training.recipe import parse_recipe, with_default_recipe
 from poemdpo.training.sft import (
     SFTScriptArguments,
     WeightedSFTTrainer,
@@ -42,15 +43,11 @@ DEFAULT_CONFIG = "configs/sft_rhyme_slots_cpu.yaml"
 
 def main(argv: list[str] | None = None) -> WeightedSFTTrainer:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if "--config" not in argv and not {"-h", "--help"} & set(argv):
-        argv = ["--config", DEFAULT_CONFIG, *argv]
+    argv = with_default_recipe(argv, DEFAULT_CONFIG)
     parser = TrlParser((SFTScriptArguments, SFTConfig, ModelConfig), description=__doc__)
     try:
         # 1. Arguments: recipe YAML, then the command line.
-        try:
-            script_args, args, model_args = parser.parse_args_and_config(args=argv)
-        except ValueError as e:  # unknown keys in the recipe or on the command line, bad values
-            raise PoemDPOError(str(e)) from None
+        script_args, args, model_args = parse_recipe(parser, argv)
         check_settings(args, script_args)
         if args.push_to_hub:
             check_hub_access(args.hub_model_id)

@@ -115,7 +115,7 @@ def parse_training_command(command: list[str]):
 
     import train_rl
     from poemdpo.training import methods
-    from poemdpo.training.dpo import read_recipe
+    from poemdpo.training.recipe import read_recipe
     from poemdpo.training.reward import RewardScriptArguments
     from poemdpo.training.rl import METHODS, RLScriptArguments, method_of
 

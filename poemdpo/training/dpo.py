@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 
-import yaml
 from datasets import Dataset, DatasetDict, load_dataset
 from transformers import PreTrainedTokenizerBase
 from trl import DPOConfig, ModelConfig
@@ -19,6 +17,7 @@ from poemdpo.data.splits import SplitSpec, check_same_splits
 from poemdpo.errors import PoemDPOError
 from poemdpo.models import loading
 from poemdpo.run_info import parse_resume, recorded_splits
+from poemdpo.training.recipe import argument_keys
 
 DEFAULT_DATASET = "data/pairs_five_char"
 REQUIRED_COLUMNS = ("prompt", "chosen", "rejected")
@@ -88,38 +87,6 @@ class DPOScriptArguments:
                   "than max_length, before the max_train_pairs are drawn. TRL cuts such a poem's end off, so the "
                   "model would be taught a preferred poem that never ends."},
     )
-
-
-def read_recipe(argv: list[str]) -> dict:
-    """The recipe named by `--config` as a mapping ({} without one)."""
-    if "--config" not in argv:
-        return {}
-    index = argv.index("--config") + 1
-    config_path = argv[index] if index < len(argv) else ""
-    if not os.path.isfile(config_path):
-        raise PoemDPOError(f"recipe {config_path!r} does not exist")
-    with open(config_path, encoding="utf-8") as f:
-        config = yaml.safe_load(f) or {}
-    if not isinstance(config, dict):
-        raise PoemDPOError(f"recipe {config_path!r} must be a YAML mapping of argument names to values")
-    return config
-
-
-def method_named(argv: Sequence[str]) -> str | None:
-    """The value of `--method` on the command line (the last one given), else None. train_dpo.py and train_rl.py read
-    it before the full parse: the method decides the config class."""
-    named = None
-    for i, arg in enumerate(argv):
-        if arg == "--method" and i + 1 < len(argv):
-            named = argv[i + 1]
-        elif arg.startswith("--method="):
-            named = arg.split("=", 1)[1]
-    return named
-
-
-def argument_keys(argv: list[str]) -> set[str]:
-    """Every key set in the recipe or on the command line."""
-    return {arg[2:].split("=", 1)[0].replace("-", "_") for arg in argv if arg.startswith("--")} | set(read_recipe(argv))
 
 
 def check_removed_keys(argv: list[str], config_class: type = DPOConfig) -> None:

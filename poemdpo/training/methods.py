@@ -30,9 +30,10 @@ from trl.data_utils import is_conversational, unpair_preference_dataset
 from trl.import_utils import TRLExperimentalWarning
 
 from poemdpo.errors import PoemDPOError
-from poemdpo.training.dpo import DPOScriptArguments, method_named
+from poemdpo.training.dpo import DPOScriptArguments
 from poemdpo.training.model_card import card_metadata, card_results, prompt_section, write_model_card
 from poemdpo.training.objectives import trainer_class
+from poemdpo.training.recipe import method_named
 from poemdpo.training.samples import PoemTrainerMixin
 from poemdpo.training.speed import LENGTH_COLUMN, _text_length
 

@@ -45,8 +45,9 @@ from poemdpo.models.generation import (
     token_sampler,
 )
 from poemdpo.run_info import read_run_info, recorded_splits
-from poemdpo.training.dpo import DEFAULT_DATASET, method_named
+from poemdpo.training.dpo import DEFAULT_DATASET
 from poemdpo.training.model_card import card_results, prompt_section
+from poemdpo.training.recipe import method_named
 from poemdpo.training.reward import load_reward_model, score
 
 METHODS = {"grpo": (GRPOConfig, GRPOTrainer), "rloo": (RLOOConfig, RLOOTrainer),
