@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from datasets import load_dataset
+from datasets import concatenate_datasets, load_dataset
 from test_reward import make_pairs_dir, tiny_base_dir
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import SFTConfig, SFTTrainer
@@ -81,6 +81,32 @@ def test_slot_weight_scales_the_slot_tokens_in_a_weighted_mean(base_dir, pairs_d
     assert (w == 100).sum() > 0  # the fixture's 五言 poems of 4 and 8 lines have slots
     assert torch.allclose(got, (nll * w).sum() / w.sum(), rtol=1e-4)
     assert not torch.allclose(got, nll.sum() / (labels != -100).sum(), rtol=1e-3)
+
+
+def test_gradient_accumulation_takes_the_mean_of_its_micro_batches(base_dir, pairs_dir, tmp_path):
+    """The Trainer skips its division by the accumulation steps when the model takes loss kwargs (Llama does), as
+    its own loss is then a sum over the accumulated tokens. Ours is a per-micro-batch mean, so two accumulated
+    copies of one poem must make the update one copy makes, not twice it (plain SGD shows the scale)."""
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    one = poems_dataset(load_dataset(str(pairs_dir), split="train"), tokenizer, slot_weight=100.0, max_poems=1)
+    start = AutoModelForCausalLM.from_pretrained(base_dir).state_dict()
+
+    def update(accumulation: int) -> dict[str, torch.Tensor]:
+        args = SFTConfig(output_dir=str(tmp_path / f"ga{accumulation}"), per_device_train_batch_size=1,
+                         gradient_accumulation_steps=accumulation, max_steps=1, optim="sgd", learning_rate=0.1,
+                         lr_scheduler_type="constant", max_grad_norm=0.0, use_cpu=True, bf16=False, report_to="none",
+                         max_length=256, activation_checkpointing=False, save_strategy="no")
+        trainer = WeightedSFTTrainer(model=AutoModelForCausalLM.from_pretrained(base_dir), args=args,
+                                     train_dataset=concatenate_datasets([one] * accumulation),
+                                     processing_class=tokenizer)
+        trainer.train()
+        return {k: v - start[k] for k, v in trainer.model.state_dict().items()}
+
+    single, accumulated = update(1), update(2)
+    moved = [k for k in single if single[k].abs().max() > 0]
+    assert moved
+    for k in moved:
+        assert torch.allclose(accumulated[k], single[k], rtol=1e-3, atol=1e-7), k
 
 
 def test_train_sft_trains_and_saves_a_loadable_model(base_dir, pairs_dir, tmp_path):
