@@ -83,6 +83,7 @@ def main(argv: list[str] | None = None) -> WeightedSFTTrainer:
             "stage": "sft", "base_model": model_args.model_name_or_path, "dataset": script_args.dataset_name,
             "rule": rule, "splits": splits.to_dict() if splits else None, "prompt_format": "instruction",
             "use_peft": model_args.use_peft, "train_poems": len(train), "slot_weight": script_args.slot_weight,
+            "num_train_epochs": args.num_train_epochs, "learning_rate": args.learning_rate,
         })
         write_sft_card(args.output_dir, base_model=model_args.model_name_or_path, dataset=script_args.dataset_name,
                        rule=rule, args=args, script_args=script_args, poems=len(train), metrics=metrics,

@@ -41,8 +41,10 @@ from poemdpo.data.rules import RULES
 from poemdpo.data.splits import DEFAULT_SPLIT_SEED, DEFAULT_TEST_SIZE, DEFAULT_VALIDATION_SIZE, split_flags
 from poemdpo.evaluation.evaluate import headline
 from poemdpo.run_info import read_run_info
+from poemdpo.training.recipe import read_recipe
 
-ROOT = Path(__file__).resolve().parent.parent
+PROJECT = Path(__file__).resolve().parent.parent  # the scripts and recipes
+ROOT = PROJECT  # where the stages run and relative paths resolve (the tests point it elsewhere)
 
 # method -> (training script, its recipe, arguments the script needs to run this method)
 METHODS: dict[str, tuple[str, str, tuple[str, ...]]] = {
@@ -88,6 +90,7 @@ RHYME_BASE, RHYME_BASE_FLAGS = "data/base_model_rhyme", ("--rhyme_group_init", "
 # rhyme slots, and GRPO after them reached 33.5% against 80.1% on validation. Trained once, if missing.
 SFT_RULE = "rhyme"
 SLOT_SFT_DIR = f"data/slot_sft_{SFT_RULE}"
+SLOT_SFT_SETTINGS = ("slot_weight", "num_train_epochs", "learning_rate")  # recorded in its poemdpo.json
 
 
 @dataclass
@@ -199,12 +202,19 @@ def sft_pairs(args: PipelineArguments, dataset: list[str], seconds: dict[str, fl
 
 
 def check_slot_sft(base_model: str) -> None:
-    """A fine-tune left by an earlier run is reused only if it was made from this run's base model."""
-    if (ROOT / SLOT_SFT_DIR / "config.json").is_file():
-        trained_from = read_run_info(ROOT / SLOT_SFT_DIR).get("base_model")
-        if trained_from != base_model:
-            sys.exit(f"pipeline: {SLOT_SFT_DIR} was fine-tuned from {trained_from!r}, not from the base model "
-                     f"{base_model!r}; delete it to fine-tune again, or pass --base_model {trained_from}")
+    """A fine-tune left by an earlier run is reused only if it was made from this run's base model, with the
+    recipe's settings (a fine-tune of an older recipe would otherwise be reused without a word)."""
+    if not (ROOT / SLOT_SFT_DIR / "config.json").is_file():
+        return
+    info = read_run_info(ROOT / SLOT_SFT_DIR)
+    if info.get("base_model") != base_model:
+        sys.exit(f"pipeline: {SLOT_SFT_DIR} was fine-tuned from {info.get('base_model')!r}, not from the base model "
+                 f"{base_model!r}; delete it to fine-tune again, or pass --base_model {info.get('base_model')}")
+    recipe = read_recipe(["--config", str(PROJECT / METHODS["slot_sft"][1])])
+    for key in SLOT_SFT_SETTINGS:
+        if key in recipe and info.get(key) != recipe[key]:
+            sys.exit(f"pipeline: {SLOT_SFT_DIR} was fine-tuned with {key} {info.get(key)}, not the recipe's "
+                     f"{recipe[key]} ({METHODS['slot_sft'][1]}); delete it to fine-tune again")
 
 
 def slot_sft_stage(args: PipelineArguments, model: str, dataset: list[str], seconds: dict[str, float]) -> str:

@@ -7,6 +7,7 @@ import json
 import shutil
 
 import pytest
+import yaml
 from datasets import load_dataset
 from test_train_dpo import tiny_model_dir
 
@@ -299,6 +300,13 @@ def test_help_lists_every_method(capsys):
         assert (pipeline.ROOT / script).is_file() and (pipeline.ROOT / recipe).is_file()
 
 
+def slot_sft_settings() -> dict:
+    """What train_sft.py records of the fine-tune recipe's settings the pipeline checks before reusing one."""
+    with open(pipeline.PROJECT / pipeline.METHODS["slot_sft"][1], encoding="utf-8") as f:
+        recipe = yaml.safe_load(f)
+    return {key: recipe[key] for key in pipeline.SLOT_SFT_SETTINGS}
+
+
 def test_a_rhyme_rule_takes_the_rhyme_road_base_with_groups_slot_fine_tune_then_grpo(stages, tmp_path):
     from transformers import HfArgumentParser
     from trl import ModelConfig, SFTConfig, TrlParser
@@ -335,7 +343,7 @@ def test_a_rhyme_rule_takes_the_rhyme_road_base_with_groups_slot_fine_tune_then_
     (tmp_path / "data" / "slot_sft_rhyme").mkdir(parents=True)
     (tmp_path / "data" / "slot_sft_rhyme" / "config.json").write_text("{}", encoding="utf-8")
     (tmp_path / "data" / "slot_sft_rhyme" / "poemdpo.json").write_text(
-        json.dumps({"base_model": "data/base_model_rhyme"}), encoding="utf-8")
+        json.dumps({"base_model": "data/base_model_rhyme", **slot_sft_settings()}), encoding="utf-8")
     (tmp_path / "data" / "base_model_rhyme").mkdir(parents=True)
     (tmp_path / "data" / "base_model_rhyme" / "config.json").write_text("{}", encoding="utf-8")
     stages.commands.clear()
@@ -355,11 +363,17 @@ def test_the_rhyme_road_refuses_a_fine_tune_of_another_base_and_trains_a_named_b
     (tmp_path / "data" / "slot_sft_rhyme").mkdir(parents=True)
     (tmp_path / "data" / "slot_sft_rhyme" / "config.json").write_text("{}", encoding="utf-8")
     (tmp_path / "data" / "slot_sft_rhyme" / "poemdpo.json").write_text(
-        json.dumps({"base_model": "data/base_model_rhyme"}), encoding="utf-8")
+        json.dumps({"base_model": "data/base_model_rhyme", **slot_sft_settings()}), encoding="utf-8")
     with pytest.raises(SystemExit, match="fine-tuned from 'data/base_model_rhyme', not from the base model "
                                          "'data/my_base'"):
         pipeline.main(["--rule", "five_char_rhyme", "--base_model", "data/my_base"])
     assert stages.commands == []  # refused before any stage ran
+    stale = {"base_model": "data/base_model_rhyme", **slot_sft_settings(), "num_train_epochs": 0.5}
+    (tmp_path / "data" / "slot_sft_rhyme" / "poemdpo.json").write_text(json.dumps(stale), encoding="utf-8")
+    with pytest.raises(SystemExit, match=r"slot_sft_rhyme was fine-tuned with num_train_epochs 0.5, not the recipe's "
+                                         r"\d.*; delete it to fine-tune again"):
+        pipeline.main(["--rule", "five_char_rhyme"])  # a fine-tune of an older recipe is not reused without a word
+    assert stages.commands == []
     shutil.rmtree(tmp_path / "data" / "slot_sft_rhyme")
     pipeline.main(["--rule", "five_char_rhyme", "--base_model", "data/my_base", "--output_dir", "data/mine"])
     base = stages.command("train_base.py")  # a base of the user's naming still gets the rhyme groups

@@ -115,7 +115,7 @@ def test_train_sft_trains_and_saves_a_loadable_model(base_dir, pairs_dir, tmp_pa
         "--model_name_or_path", base_dir, "--dataset_name", str(pairs_dir), "--output_dir", str(out),
         "--max_train_poems", "16", "--per_device_train_batch_size", "4", "--logging_steps", "1",
         "--save_strategy", "no", "--report_to", "none", "--eval_strategy", "steps", "--eval_steps", "2",
-        "--max_eval_poems", "8",
+        "--max_eval_poems", "8", "--num_train_epochs", "1",
     ])
     logs = [e for e in trainer.state.log_history if "loss" in e]
     assert len(logs) == 4 and all("nll_weighted_up" in e and "nll_other" in e for e in logs)
@@ -125,6 +125,7 @@ def test_train_sft_trains_and_saves_a_loadable_model(base_dir, pairs_dir, tmp_pa
     assert any(not torch.equal(loaded[k], start[k]) for k in start)
     info = json.loads((out / "poemdpo.json").read_text(encoding="utf-8"))
     assert info["stage"] == "sft" and info["slot_weight"] == 100 and info["train_poems"] == 16
+    assert (info["num_train_epochs"], info["learning_rate"]) == (1, 1e-3)  # what the pipeline checks before reuse
     assert info["rule"] == "five_char" and info["base_model"] == base_dir
     card = (out / "README.md").read_text(encoding="utf-8")
     assert "tags:" in card and "SFTTrainer" in card and '"slot_weight": 100' in card and 'Sample poems' not in card
