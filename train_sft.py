@@ -35,6 +35,7 @@ from poemdpo.training.sft import (
     check_settings,
     last_metrics,
     poems_dataset,
+    recorded_settings,
     write_sft_card,
 )
 
@@ -82,8 +83,7 @@ def main(argv: list[str] | None = None) -> WeightedSFTTrainer:
         write_run_info(args.output_dir, {
             "stage": "sft", "base_model": model_args.model_name_or_path, "dataset": script_args.dataset_name,
             "rule": rule, "splits": splits.to_dict() if splits else None, "prompt_format": "instruction",
-            "use_peft": model_args.use_peft, "train_poems": len(train), "slot_weight": script_args.slot_weight,
-            "num_train_epochs": args.num_train_epochs, "learning_rate": args.learning_rate,
+            "use_peft": model_args.use_peft, "train_poems": len(train), **recorded_settings(script_args, args),
         })
         write_sft_card(args.output_dir, base_model=model_args.model_name_or_path, dataset=script_args.dataset_name,
                        rule=rule, args=args, script_args=script_args, poems=len(train), metrics=metrics,

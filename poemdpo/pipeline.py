@@ -42,6 +42,7 @@ from poemdpo.data.splits import DEFAULT_SPLIT_SEED, DEFAULT_TEST_SIZE, DEFAULT_V
 from poemdpo.evaluation.evaluate import headline
 from poemdpo.run_info import read_run_info
 from poemdpo.training.recipe import read_recipe
+from poemdpo.training.sft import RECORDED_SETTINGS as SLOT_SFT_SETTINGS
 
 PROJECT = Path(__file__).resolve().parent.parent  # the scripts and recipes
 ROOT = PROJECT  # where the stages run and relative paths resolve (the tests point it elsewhere)
@@ -90,7 +91,6 @@ RHYME_BASE, RHYME_BASE_FLAGS = "data/base_model_rhyme", ("--rhyme_group_init", "
 # rhyme slots, and GRPO after them reached 33.5% against 80.1% on validation. Trained once, if missing.
 SFT_RULE = "rhyme"
 SLOT_SFT_DIR = f"data/slot_sft_{SFT_RULE}"
-SLOT_SFT_SETTINGS = ("slot_weight", "num_train_epochs", "learning_rate")  # recorded in its poemdpo.json
 
 
 @dataclass

@@ -31,6 +31,8 @@ DEFAULT_DATASET = "data/pairs_rhyme"
 CARD_SETTINGS = ("learning_rate", "lr_scheduler_type", "warmup_steps", "num_train_epochs", "max_steps",
                  "per_device_train_batch_size", "gradient_accumulation_steps", "weight_decay", "max_grad_norm",
                  "max_length", "bf16", "seed")
+# Recorded in poemdpo.json; the pipeline reuses a fine-tune only if these match its recipe.
+RECORDED_SETTINGS = ("slot_weight", "num_train_epochs", "learning_rate")
 
 
 @dataclass
@@ -67,6 +69,11 @@ class SFTScriptArguments:
 def rhyme_slots(poem: str) -> list[int]:
     """Where the rhyme slots after line 2 sit in `poem`: the last character of lines 4, 6 and 8 (…)."""
     return line_end_positions(poem)[3::2]
+
+
+def recorded_settings(script_args: SFTScriptArguments, args: SFTConfig) -> dict:
+    """The RECORDED_SETTINGS of a run, from its script arguments or its SFTConfig."""
+    return {key: getattr(script_args if hasattr(script_args, key) else args, key) for key in RECORDED_SETTINGS}
 
 
 def weighted_example(tokenizer: PreTrainedTokenizerBase, prompt: str, poem: str, slot_weight: float) -> dict:
