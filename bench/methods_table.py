@@ -24,7 +24,9 @@ and then --extra, in a child process whose output goes to <work_dir>/<method>/se
 first trains its judge (train_reward.py, the same seed and --extra) into <run>/judge, and its minutes and pairs are
 counted in the row. dpo_grpo and iterated_dpo go on from the dpo run of the same seed; iterated_dpo first samples
 its pairs from that model (build_dataset.py --on_policy_model, split and pairing as --dataset's stats.json records
-them) into <run>/pairs, and the sampling minutes and poems are counted in the row.
+them) into <run>/pairs, and the sampling minutes and poems are counted in the row. slot_sft_grpo goes on from the
+slot_sft run of the same seed; slot_sft reads --sft_dataset's poems under the rule rhyme, whatever --rule is, as the
+pipeline's fine-tune does (start it from data/base_model_rhyme, as the pipeline does, with --base_model).
 Training seeds are --first_seed, --first_seed + 1, ... (42 is the recipes' own). Then
 `poemdpo.evaluation.evaluate.run` on the **test** split against --base_model: the same random titles (title seed 0),
 --poems_per_title poems each, sampling seed 0 for every run, so every run's poems pair slot by slot with dpo's.
@@ -35,7 +37,8 @@ was consumed as means over seeds; KL over every scored poem of every seed (± it
 test against dpo on the discordant slots of every seed together (`recipe_sweep.pooled_test`: seed s of a method
 against seed s of dpo, slots of different seeds taken as independent). Consumed: pairs for the train_dpo.py methods
 (the final trainer_state.json's epoch × the pairs in poemdpo.json; n/a when a run saved no checkpoint), poems
-written for the RL methods (poemdpo.json's completions). The reference row is the base model's poems for the same
+written for the RL methods (poemdpo.json's completions), corpus poems read for train_sft.py (epoch × its train
+poems). The reference row is the base model's poems for the same
 slots (the same in every run), tested against dpo the same way. dpo always runs: every row is tested against it.
 """
 
@@ -63,11 +66,19 @@ from poemdpo.evaluation.evaluate import EvalArguments, compare, pooled_rule_rate
 from poemdpo.evaluation.plots import plot_methods  # noqa: E402
 from poemdpo.evaluation.tables import markdown_table  # noqa: E402
 from poemdpo.models.loading import looks_local  # noqa: E402
-from poemdpo.pipeline import METHODS, ON_POLICY_PAIRS, RULE_OVERRIDES, STARTS_FROM, training_inputs  # noqa: E402
+from poemdpo.pipeline import (  # noqa: E402
+    METHODS,
+    ON_POLICY_PAIRS,
+    RULE_OVERRIDES,
+    SFT_RULE,
+    STARTS_FROM,
+    training_inputs,
+)
 from poemdpo.run_info import read_run_info  # noqa: E402
 
 BASELINE = "dpo"
 JUDGE = "reward_model"  # the method whose script trains grpo_reward_model's judge
+SLOT_SFT = "slot_sft"  # reads --sft_dataset under SFT_RULE, as the pipeline's fine-tune does, whatever --rule is
 POLICY_METHODS = [m for m in METHODS if m != JUDGE]  # the reward model alone writes no poems
 TITLE_SEED, SAMPLING_SEED = 0, 0  # the same test titles and sample slots for every run
 RUN_RECORD = "run.json"
@@ -85,6 +96,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rule", default="five_char", choices=sorted(RULES), help="the rule trained for and counted")
     parser.add_argument("--base_model", default="data/base_model", help="the starting model and the reference")
     parser.add_argument("--dataset", default=None, help="pairs from build_dataset.py (default: data/pairs_<rule>)")
+    parser.add_argument("--sft_dataset", default=f"data/pairs_{SFT_RULE}",
+                        help=f"slot_sft's poems (the chosen ones of these pairs, under --rule {SFT_RULE}), whatever "
+                             f"--rule is: as the pipeline fine-tunes. Start slot_sft from a base with rhyme-group "
+                             f"embeddings (--base_model data/base_model_rhyme), as the pipeline does")
     parser.add_argument("--work_dir", default="data/methods",
                         help="runs go to <work_dir>/<method>/seed_<s> (a run there is replaced, unless --resume)")
     parser.add_argument("--extra", default="",
@@ -104,7 +119,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     except PoemDPOError as e:
         parser.error(str(e))
     # Children run in the repository root (the recipes' relative paths); local paths are absolute for them.
-    for name in ("base_model", "dataset", "work_dir"):
+    for name in ("base_model", "dataset", "sft_dataset", "work_dir"):
         value = getattr(args, name)
         if looks_local(value):
             setattr(args, name, str(Path(value).resolve()))
@@ -130,6 +145,9 @@ def check_inputs(args: argparse.Namespace) -> None:
     if not Path(args.dataset).is_dir():
         raise PoemDPOError(f"--dataset {args.dataset!r} does not exist; build it with: python build_dataset.py "
                            f"--rule {args.rule} --output_dir {args.dataset}")
+    if SLOT_SFT in {m for m in args.methods for m in (m, STARTS_FROM.get(m))} and not Path(args.sft_dataset).is_dir():
+        raise PoemDPOError(f"--sft_dataset {args.sft_dataset!r} does not exist; build it with: python build_dataset.py "
+                           f"--rule {SFT_RULE} --output_dir {args.sft_dataset}")
     if looks_local(args.base_model) and not (Path(args.base_model) / "config.json").is_file():
         raise PoemDPOError(f"--base_model {args.base_model!r} has no config.json; train it with: python train_base.py "
                            f"--output_dir {args.base_model}")
@@ -151,19 +169,23 @@ def run_script(command: list[str], log: Path) -> float:
     return seconds
 
 
-def pairs_consumed(model_dir: Path) -> float | None:
-    """Pairs a train_dpo.py / train_reward.py run went through: the epochs of its last trainer_state.json (the final
-    checkpoint's) × the pairs its poemdpo.json records. None without a checkpoint (--save_strategy no)."""
+def pairs_consumed(model_dir: Path, count: str = "train_pairs") -> float | None:
+    """Pairs a train_dpo.py / train_reward.py run went through (poems for train_sft.py: count="train_poems"): the
+    epochs of its last trainer_state.json (the final checkpoint's) × the count its poemdpo.json records. None
+    without a checkpoint (--save_strategy no)."""
     _, state = training_log(str(model_dir))  # the model directory's trainer_state.json, else the newest checkpoint's
     epoch = json.loads(Path(state).read_text(encoding="utf-8")).get("epoch") if state else None
-    pairs = read_run_info(model_dir).get("train_pairs")
+    pairs = read_run_info(model_dir).get(count)
     return epoch * pairs if epoch is not None and pairs is not None else None
 
 
 def consumed(method: str, model_dir: Path, judge_dir: Path | None) -> dict:
-    """{"pairs": n} for train_dpo.py's methods, {"poems": n} for train_rl.py's (plus "judge_pairs")."""
+    """{"pairs": n} for train_dpo.py's methods, {"poems": n} for train_rl.py's (plus "judge_pairs"),
+    {"sft_poems": n} for train_sft.py's (corpus poems read: epochs × its train poems)."""
     if METHODS[method][0] == "train_rl.py":
         result = {"poems": read_run_info(model_dir).get("completions")}
+    elif METHODS[method][0] == "train_sft.py":
+        result = {"sft_poems": pairs_consumed(model_dir, count="train_poems")}
     else:
         result = {"pairs": pairs_consumed(model_dir)}
     if judge_dir is not None:
@@ -195,7 +217,10 @@ def train_and_evaluate(method: str, seed: int, args: argparse.Namespace, extra: 
                          "--pairing", stats["strategy"], "--near_miss_share", str(stats["near_miss_share"]),
                          *split_flags(splits.validation_size, splits.test_size, splits.seed),
                          "--output_dir", pairs])
-    common = [*training_inputs(model, pairs, args.rule), "--seed", str(seed)]
+    if method == SLOT_SFT:
+        common = [*training_inputs(model, args.sft_dataset, SFT_RULE), "--seed", str(seed)]
+    else:
+        common = [*training_inputs(model, pairs, args.rule), "--seed", str(seed)]
     if method == "grpo_reward_model":
         judge_dir = run_dir / "judge"
         judge_script, judge_recipe, _ = METHODS[JUDGE]
@@ -214,7 +239,8 @@ def train_and_evaluate(method: str, seed: int, args: argparse.Namespace, extra: 
                                    title_seed=TITLE_SEED, output_dir=str(run_dir / "eval")))
     used = consumed(method, model_dir, judge_dir)
     if first:  # the first stage's pairs count too; an on-policy round adds the poems it sampled for its pairs
-        used["pairs"] = _sum(first["consumed"]["pairs"], used.get("pairs", 0))
+        for key, value in first["consumed"].items():
+            used[key] = _sum(value, used.get(key, 0))
     if method in ON_POLICY_PAIRS:
         stats = json.loads((run_dir / "pairs" / "stats.json").read_text(encoding="utf-8"))
         used["poems"] = stats["on_policy"]["samples"]
@@ -292,7 +318,8 @@ def kl_cell(kl: dict | None) -> str:
 
 def consumed_cell(records: list[dict]) -> str:
     parts = []
-    for key, unit in (("pairs", "pairs"), ("poems", "poems"), ("judge_pairs", "judge pairs")):
+    for key, unit in (("pairs", "pairs"), ("sft_poems", "corpus poems"), ("poems", "poems"),
+                      ("judge_pairs", "judge pairs")):
         if key in records[0]["consumed"]:
             value = mean([r["consumed"][key] for r in records])
             parts.append("n/a" if value is None else f"{value:,.0f} {unit}")
@@ -366,8 +393,9 @@ def render(runs: dict[str, list[dict]], args: argparse.Namespace, plot: Path | N
         "on the discordant slots of every seed (seed s against dpo's seed s)",
         "- KL to reference: mean over the method's own sampled poems of log π(poem) − log π_ref(poem), nats per "
         "poem ± standard error (per token); training minutes: wall time of the training script (grpo_reward_model: "
-        "its judge's too; dpo_grpo: the dpo run's too; iterated_dpo: the dpo run's and the sampling of its pairs); "
-        "consumed: pairs gone through (train_dpo.py), poems written (train_rl.py) or sampled for on-policy pairs",
+        "its judge's too; dpo_grpo: the dpo run's too; iterated_dpo: the dpo run's and the sampling of its pairs; "
+        "slot_sft_grpo: the slot_sft run's too); consumed: pairs gone through (train_dpo.py), corpus poems read "
+        "(train_sft.py), poems written (train_rl.py) or sampled for on-policy pairs",
         "",
         markdown_table([h.format(rule=first["rule"]) for h in HEADER], rows),
         "",

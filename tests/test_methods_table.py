@@ -84,7 +84,10 @@ def test_bad_arguments_stop_before_any_training(tmp_path, capsys):
         (["--methods", "reward_model"], "it trains no policy"),
         (["--methods", "ppo"], "unknown method(s) ['ppo']"),
         (["--dataset", str(tmp_path / "missing")], "does not exist; build it with"),
-        (["--dataset", str(pairs), "--base_model", str(tmp_path / "nobase")], "has no config.json"),
+        (["--dataset", str(pairs), "--methods", "grpo", "--base_model", str(tmp_path / "nobase")],
+         "has no config.json"),
+        (["--dataset", str(pairs), "--methods", "slot_sft", "--sft_dataset", str(tmp_path / "missing")],
+         "--sft_dataset"),
         (["--dataset", str(pairs), "--seeds", "0"], "must each be at least 1"),
     ):
         with pytest.raises(SystemExit):
@@ -199,3 +202,36 @@ def test_iterated_dpo_samples_pairs_from_the_dpo_run_of_the_same_seed_then_train
     assert config.seed == 44 and config.max_steps == 2 and config.output_dir == str(run_dir / "model")
     assert methods_table.seconds_total(record) == 690.0  # dpo 300 s, sampling the pairs 90 s, round two 300 s
     assert methods_table.consumed_cell([record]) == "80 pairs + 800 poems"
+
+
+def test_slot_sft_reads_the_rhyme_rules_poems_and_slot_sft_grpo_goes_on_from_it(tmp_path, monkeypatch):
+    """As the pipeline runs the rhyme road: the fine-tune reads --sft_dataset under the rule rhyme whatever --rule
+    is, GRPO goes on from it with the table's own pairs and rule, and the row counts both stages."""
+    from test_pipeline import parse_training_command
+
+    fake_training(tmp_path, monkeypatch, {"train_dpo.py": ({"train_pairs": 40}, 300.0),
+                                          "train_sft.py": ({"train_poems": 50}, 600.0),
+                                          "train_rl.py": ({"completions": 1600}, 120.0)}, epoch=2.0)
+    (tmp_path / "rhyme_pairs").mkdir()
+    argv = ["--dataset", str(tmp_path / "pairs"), "--base_model", str(tmp_path / "base"), "--rule", "five_char_rhyme",
+            "--work_dir", str(tmp_path / "runs"), "--methods", "slot_sft_grpo,slot_sft"]
+    with pytest.raises(SystemExit):  # the fine-tune's poems are missing: stop before any training
+        methods_table.parse_args(argv)
+    args = methods_table.parse_args([*argv, "--sft_dataset", str(tmp_path / "rhyme_pairs")])
+    assert args.methods == ["dpo", "slot_sft_grpo", "slot_sft"]
+
+    sft = methods_table.train_and_evaluate("slot_sft", 43, args, [])
+    (command,) = (command[1:] for command in sft["commands"])
+    script_args, config, model_args = parse_training_command(command)
+    assert command[0] == "train_sft.py" and script_args.rule == "rhyme"
+    assert script_args.dataset_name == str(tmp_path / "rhyme_pairs") and config.seed == 43
+    assert model_args.model_name_or_path == str(tmp_path / "base")
+
+    record = methods_table.train_and_evaluate("slot_sft_grpo", 43, args, ["--max_steps", "2"])
+    (command,) = (command[1:] for command in record["commands"])
+    script_args, config, model_args = parse_training_command(command)
+    assert command[0] == "train_rl.py" and script_args.rule == "five_char_rhyme" and config.max_steps == 2
+    assert script_args.dataset_name == str(tmp_path / "pairs") and model_args.model_name_or_path == sft["model"]
+    assert methods_table.seconds_total(record) == 720.0  # the fine-tune's 600 s and GRPO's 120 s
+    assert methods_table.consumed_cell([sft]) == "100 corpus poems"  # two epochs of 50
+    assert methods_table.consumed_cell([record]) == "100 corpus poems + 1,600 poems"

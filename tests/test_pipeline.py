@@ -112,19 +112,21 @@ def stages(tmp_path, monkeypatch) -> Stages:
 def parse_training_command(command: list[str]):
     """A training stage's command as its script parses it (recipe, then the command line): the flags must be the
     script's own, and the values must land in the fields the script reads."""
-    from trl import ModelConfig, RewardConfig, TrlParser
+    from trl import ModelConfig, RewardConfig, SFTConfig, TrlParser
 
     import train_rl
     from poemdpo.training import methods
     from poemdpo.training.recipe import read_recipe
     from poemdpo.training.reward import RewardScriptArguments
     from poemdpo.training.rl import METHODS, RLScriptArguments, method_of
+    from poemdpo.training.sft import SFTScriptArguments
 
     argv = command[1:]
     classes = {
         "train_dpo.py": lambda: methods.parser_classes(methods.method_of(argv, read_recipe(argv)))[:2],
         "train_reward.py": lambda: (RewardScriptArguments, RewardConfig),
         "train_rl.py": lambda: (RLScriptArguments, METHODS[method_of(argv, train_rl.read_recipe(argv))][0]),
+        "train_sft.py": lambda: (SFTScriptArguments, SFTConfig),
     }[command[0]]()
     return TrlParser((*classes, ModelConfig)).parse_args_and_config(args=argv)
 
