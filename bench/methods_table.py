@@ -127,14 +127,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def methods_of(text: str) -> list[str]:
-    """The --methods list, dpo first and always; unknown names and the reward model (no policy) refused."""
+    """The --methods list, dpo first and always, each method after the one it goes on from; unknown names and the
+    reward model (no policy) refused."""
     names = [n.strip() for n in text.split(",") if n.strip()]
     unknown = [n for n in names if n not in POLICY_METHODS]
     if unknown:
         hint = " (it trains no policy: python -m poemdpo.pipeline --method reward_model reports its accuracy)" \
             if JUDGE in unknown else ""
         raise PoemDPOError(f"--methods: unknown method(s) {unknown}{hint}; choose from {POLICY_METHODS}")
-    return [BASELINE, *dict.fromkeys(n for n in names if n != BASELINE)]
+    # A method that goes on from another's model comes after that method, which runs too (slot_sft_grpo: slot_sft).
+    ordered = [m for n in names for m in (STARTS_FROM.get(n), n) if m is not None]
+    return [BASELINE, *dict.fromkeys(n for n in ordered if n != BASELINE)]
 
 
 def check_inputs(args: argparse.Namespace) -> None:
@@ -145,7 +148,7 @@ def check_inputs(args: argparse.Namespace) -> None:
     if not Path(args.dataset).is_dir():
         raise PoemDPOError(f"--dataset {args.dataset!r} does not exist; build it with: python build_dataset.py "
                            f"--rule {args.rule} --output_dir {args.dataset}")
-    if SLOT_SFT in {m for m in args.methods for m in (m, STARTS_FROM.get(m))} and not Path(args.sft_dataset).is_dir():
+    if SLOT_SFT in args.methods and not Path(args.sft_dataset).is_dir():
         raise PoemDPOError(f"--sft_dataset {args.sft_dataset!r} does not exist; build it with: python build_dataset.py "
                            f"--rule {SFT_RULE} --output_dir {args.sft_dataset}")
     if looks_local(args.base_model) and not (Path(args.base_model) / "config.json").is_file():

@@ -214,11 +214,11 @@ def test_slot_sft_reads_the_rhyme_rules_poems_and_slot_sft_grpo_goes_on_from_it(
                                           "train_rl.py": ({"completions": 1600}, 120.0)}, epoch=2.0)
     (tmp_path / "rhyme_pairs").mkdir()
     argv = ["--dataset", str(tmp_path / "pairs"), "--base_model", str(tmp_path / "base"), "--rule", "five_char_rhyme",
-            "--work_dir", str(tmp_path / "runs"), "--methods", "slot_sft_grpo,slot_sft"]
+            "--work_dir", str(tmp_path / "runs"), "--methods", "slot_sft_grpo"]
     with pytest.raises(SystemExit):  # the fine-tune's poems are missing: stop before any training
         methods_table.parse_args(argv)
     args = methods_table.parse_args([*argv, "--sft_dataset", str(tmp_path / "rhyme_pairs")])
-    assert args.methods == ["dpo", "slot_sft_grpo", "slot_sft"]
+    assert args.methods == ["dpo", "slot_sft", "slot_sft_grpo"]  # the fine-tune it goes on from runs first
 
     sft = methods_table.train_and_evaluate("slot_sft", 43, args, [])
     (command,) = (command[1:] for command in sft["commands"])
