@@ -40,8 +40,7 @@ DEFAULT_RECIPE = "configs/reward_tiny_cpu.yaml"
 
 
 def main(argv: list[str] | None = None) -> RewardTrainer:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    argv = with_default_recipe(argv, DEFAULT_RECIPE)
+    argv = with_default_recipe(sys.argv[1:] if argv is None else argv, DEFAULT_RECIPE)
     parser = TrlParser((RewardScriptArguments, RewardConfig, ModelConfig))
     try:
         # 1. Arguments: recipe YAML, then the command line.

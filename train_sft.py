@@ -43,8 +43,7 @@ DEFAULT_CONFIG = "configs/sft_rhyme_slots_cpu.yaml"
 
 
 def main(argv: list[str] | None = None) -> WeightedSFTTrainer:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    argv = with_default_recipe(argv, DEFAULT_CONFIG)
+    argv = with_default_recipe(sys.argv[1:] if argv is None else argv, DEFAULT_CONFIG)
     parser = TrlParser((SFTScriptArguments, SFTConfig, ModelConfig), description=__doc__)
     try:
         # 1. Arguments: recipe YAML, then the command line.
