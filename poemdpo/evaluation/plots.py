@@ -87,7 +87,8 @@ def plot_methods(points: list[dict], rule: str, path: str | Path) -> Path:
     fig, axes = plt.subplots(1, 2, figsize=(11, 5), sharey=True)
     markers = "osD^v<>pPX*h"
     for k, point in enumerate(points):  # one colour and marker per method, the same in both panels
-        style = {"color": f"C{k % 10}", "marker": markers[k % len(markers)], "linestyle": "none", "capsize": 3}
+        colour = plt.get_cmap("tab20")((2 * k + k // 10) % 20)  # 10 dark hues, then their light twins
+        style = {"color": colour, "marker": markers[k % len(markers)], "linestyle": "none", "capsize": 3}
         error = [[point["rate"] - point["low"]], [point["high"] - point["rate"]]]
         for ax, key in ((axes[0], "kl"), (axes[1], "minutes")):
             if point.get(key) is not None:
