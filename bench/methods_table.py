@@ -27,7 +27,7 @@ its pairs from that model (build_dataset.py --on_policy_model, split and pairing
 them) into <run>/pairs, and the sampling minutes and poems are counted in the row. slot_sft_grpo goes on from the
 slot_sft run of the same seed; slot_sft reads --sft_dataset's poems under the rule rhyme, whatever --rule is, as the
 pipeline's fine-tune does (start it from data/base_model_rhyme, as the pipeline does, with --base_model).
-Training seeds are --first_seed, --first_seed + 1, ... (42 is the recipes' own). Then
+Training seeds are --first_seed, --first_seed + 1, ... (42 is the recipes' own, but for the slot fine-tune's: 0). Then
 `poemdpo.evaluation.evaluate.run` on the **test** split against --base_model: the same random titles (title seed 0),
 --poems_per_title poems each, sampling seed 0 for every run, so every run's poems pair slot by slot with dpo's.
 
@@ -92,7 +92,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--methods", default=",".join(POLICY_METHODS),
                         help=f"comma-separated, from {POLICY_METHODS}; dpo always runs (the paired tests' baseline)")
     parser.add_argument("--seeds", type=int, default=3, help="training seeds per method")
-    parser.add_argument("--first_seed", type=int, default=42, help="the first training seed (the recipes' own is 42)")
+    parser.add_argument("--first_seed", type=int, default=42,
+                        help="the first training seed (42 is the recipes' own, but for the slot fine-tune's: 0)")
     parser.add_argument("--rule", default="five_char", choices=sorted(RULES), help="the rule trained for and counted")
     parser.add_argument("--base_model", default="data/base_model", help="the starting model and the reference")
     parser.add_argument("--dataset", default=None, help="pairs from build_dataset.py (default: data/pairs_<rule>)")
