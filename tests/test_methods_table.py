@@ -216,7 +216,7 @@ def test_slot_sft_reads_the_rhyme_rules_poems_and_slot_sft_grpo_goes_on_from_it(
     argv = ["--dataset", str(tmp_path / "pairs"), "--base_model", str(tmp_path / "base"), "--rule", "five_char_rhyme",
             "--work_dir", str(tmp_path / "runs"), "--methods", "slot_sft_grpo"]
     with pytest.raises(SystemExit):  # the fine-tune's poems are missing: stop before any training
-        methods_table.parse_args(argv)
+        methods_table.parse_args([*argv, "--sft_dataset", str(tmp_path / "missing")])
     args = methods_table.parse_args([*argv, "--sft_dataset", str(tmp_path / "rhyme_pairs")])
     assert args.methods == ["dpo", "slot_sft", "slot_sft_grpo"]  # the fine-tune it goes on from runs first
 
