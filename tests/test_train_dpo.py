@@ -238,9 +238,10 @@ def test_resume_after_sigkill_mid_checkpoint_continues_from_the_last_finished_on
 
 
 def accelerate_launch(config: str, *options: str) -> list[str]:
-    """accelerate's launcher from the running interpreter: no `accelerate` on PATH needed (an un-activated venv)."""
+    """accelerate's launcher from the running interpreter: no `accelerate` on PATH needed (an un-activated venv).
+    Port 0: accelerate picks a free one for each launch (a port from the pid was the same for every launch of a run)."""
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / config),
-            "--main_process_port", str(29500 + os.getpid() % 1000), *options]
+            "--main_process_port", "0", *options]
 
 
 def test_two_process_ddp_on_cpu_with_accelerate(tmp_path, pairs_dir):
