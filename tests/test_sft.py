@@ -83,6 +83,37 @@ def test_slot_weight_scales_the_slot_tokens_in_a_weighted_mean(base_dir, pairs_d
     assert not torch.allclose(got, nll.sum() / (labels != -100).sum(), rtol=1e-3)
 
 
+def test_on_a_cpu_only_poem_positions_are_projected_with_the_full_heads_loss_and_gradients(base_dir, pairs_dir,
+                                                                                          tmp_path):
+    """The compact LM head (poemdpo.training.speed) skips prompt and padding positions; the weighted loss and every
+    weight's gradient must stay those of the full logits."""
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    train = poems_dataset(load_dataset(str(pairs_dir), split="train"), tokenizer, slot_weight=100.0, max_poems=8)
+    trainer = _trainer(WeightedSFTTrainer, base_dir, train, tmp_path)
+    assert trainer.compact_lm_head
+    batch = _batch(trainer)
+    assert (batch["labels"] == -100).sum() > 0  # prompts (and padding) to skip
+
+    def loss_and_grads(loss_fn) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        trainer.model.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in trainer.model.named_parameters()}
+
+    def full() -> torch.Tensor:
+        logits = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        labels, w = batch["labels"][:, 1:], batch["loss_weights"][:, 1:]
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels, ignore_index=-100,
+                                                reduction="none")
+        return (nll * w).sum() / w.sum()
+
+    got, got_grads = loss_and_grads(lambda: trainer.compute_loss(trainer.model, dict(batch)))
+    expected, expected_grads = loss_and_grads(full)
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-6)
+    for name, grad in expected_grads.items():
+        assert torch.allclose(got_grads[name], grad, rtol=1e-4, atol=1e-6), name
+
+
 def test_gradient_accumulation_takes_the_mean_of_its_micro_batches(base_dir, pairs_dir, tmp_path):
     """The Trainer skips its division by the accumulation steps when the model takes loss kwargs (Llama does), as
     its own loss is then a sum over the accumulated tokens. Ours is a per-micro-batch mean, so two accumulated

@@ -1,6 +1,6 @@
 """Training speed on a CPU: what TRL's DPOTrainer has no switch for (bench/bench_dpo.py measures it).
 
-Two pieces, both wired into train_dpo.py:
+Two pieces, both wired into train_dpo.py (the compact head also into train_sft.py's trainer):
 
 * `with_lengths`: a `length` column, so that `train_sampling_strategy: group_by_length` can batch pairs of
   similar length. The Trainer's LengthGroupedSampler looks for `length` (or `input_ids`, which DPO rows do not
@@ -95,18 +95,19 @@ def add_compact_lm_head(model: torch.nn.Module, outputs: tuple[str, ...] = ("log
     model.forward = types.MethodType(forward, model)
 
 
-def use_compact_lm_head(trainer) -> bool:
-    """Swap TRL's fused LM head for the compact one on the policy and the reference, off CUDA/XPU.
-    Returns whether it did (False on GPUs, for PEFT models and for models whose logits are rescaled)."""
+def use_compact_lm_head(trainer, outputs: tuple[str, ...] = ("log_probs", "entropy", "mean_logits", "is_top1"),
+                        ) -> bool:
+    """Swap TRL's fused LM head for the compact one on the policy (computing `outputs`) and the reference if the
+    trainer has one, off CUDA/XPU. Returns whether it did (False on GPUs, for PEFT models and for models whose
+    logits are rescaled)."""
     from trl.kernels.chunked_logprob import _use_triton
 
     model = trainer.model
     if _use_triton(trainer.accelerator.device) or hasattr(model, "peft_config") or not supports_compact_head(model):
         return False
-    outputs = ("log_probs", "entropy", "mean_logits", "is_top1")
-    if trainer.use_weighting:
+    if getattr(trainer, "use_weighting", False):  # DPO's WPO weighting
         outputs += ("log_sum_sq_probs",)
     add_compact_lm_head(model, outputs)
-    if trainer.ref_model is not None:
+    if getattr(trainer, "ref_model", None) is not None:
         add_compact_lm_head(trainer.ref_model)
     return True
