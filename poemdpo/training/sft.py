@@ -143,7 +143,7 @@ class WeightedSFTTrainer(SFTTrainer):
         processing_class = kwargs["processing_class"]
         kwargs.setdefault("data_collator", WeightedCollator(pad_token_id=processing_class.pad_token_id))
         super().__init__(*args, **kwargs)
-        # Off CUDA only the poem positions go through the LM head, in one matmul (random batches: ~60% padding).
+        # Off CUDA only the poem positions go through the LM head, in one matmul: no prompt or padding positions.
         self.compact_lm_head = use_compact_lm_head(self, outputs=("log_probs",))
 
     def _set_signature_columns_if_needed(self):
