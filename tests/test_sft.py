@@ -114,6 +114,24 @@ def test_on_a_cpu_only_poem_positions_are_projected_with_the_full_heads_loss_and
         assert torch.allclose(got_grads[name], grad, rtol=1e-4, atol=1e-6), name
 
 
+def test_through_trls_own_fused_head_the_loss_is_the_same(base_dir, pairs_dir, tmp_path, monkeypatch):
+    """Where the compact head is not used (CUDA, PEFT models), the loss goes through the fused head SFTTrainer set up:
+    same calling convention, same weighted loss."""
+    import poemdpo.training.sft as sft
+
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    train = poems_dataset(load_dataset(str(pairs_dir), split="train"), tokenizer, slot_weight=100.0, max_poems=8)
+    compact = _trainer(WeightedSFTTrainer, base_dir, train, tmp_path / "compact")
+    monkeypatch.setattr(sft, "use_compact_lm_head", lambda *args, **kwargs: False)
+    trls = _trainer(WeightedSFTTrainer, base_dir, train, tmp_path / "trl")
+    assert compact.compact_lm_head and not trls.compact_lm_head
+    batch = _batch(compact)
+    with torch.no_grad():
+        expected = compact.compute_loss(compact.model, dict(batch))
+        got = trls.compute_loss(trls.model, dict(batch))
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
 def test_gradient_accumulation_takes_the_mean_of_its_micro_batches(base_dir, pairs_dir, tmp_path):
     """The Trainer skips its division by the accumulation steps when the model takes loss kwargs (Llama does), as
     its own loss is then a sum over the accumulated tokens. Ours is a per-micro-batch mean, so two accumulated
