@@ -12,7 +12,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from conftest import make_corpus_poems
+from poemdpo.data.forms import classify
 from poemdpo.data.prompts import build_prompt
+from poemdpo.evaluation.metrics import counts_for_rule
 from poemdpo.models import generation
 from poemdpo.models.generation import (
     PLAIN_SAMPLING,
@@ -300,10 +302,14 @@ class ScriptedLM(torch.nn.Module):
         return torch.cat([input_ids, tail], dim=1)
 
 
-def test_cuts_at_the_first_eos_and_strips_specials(tok):
+def test_cuts_at_the_first_eos_and_keeps_what_the_model_wrote(tok):
+    """A prompt marker the model wrote stays in the poem, so its text re-encodes to the ids sampled (what the KL
+    estimate scores); what follows the eos (another poem, padding) does not."""
     ids = tok.convert_tokens_to_ids
-    fake = ScriptedLM([ids("山"), ids("<RES>"), ids("水"), tok.eos_token_id, ids("月"), tok.pad_token_id])
-    assert generate_poems(fake, tok, ["月", "送君"], drop_finished=False) == ["山水", "山水"]
+    written = [ids("山"), ids("<RES>"), ids("水")]
+    fake = ScriptedLM([*written, tok.eos_token_id, ids("月"), tok.pad_token_id])
+    assert generate_poems(fake, tok, ["月", "送君"], drop_finished=False) == ["山<RES>水", "山<RES>水"]
+    assert tok("山<RES>水", add_special_tokens=False)["input_ids"] == written
     assert fake.seen_kwargs["top_k"] == 0 and fake.seen_kwargs["temperature"] == 1.0
     generate_poems(fake, tok, ["月"], do_sample=False, drop_finished=False)
     assert "temperature" not in fake.seen_kwargs and fake.seen_kwargs["do_sample"] is False
@@ -352,7 +358,20 @@ def test_an_unknown_token_keeps_its_place_in_the_line(tok):
     ids = tok.convert_tokens_to_ids
     line = [ids("山"), tok.unk_token_id, ids("水"), ids("風"), ids("月"), ids("。")]
     assert generate_poems(ScriptedLM([*line, tok.eos_token_id]), tok, ["月"], drop_finished=False) == ["山□水風月。"]
-    assert decode_poem(tok, [tok.unk_token_id, ids("<RES>"), tok.unk_token_id]) == "□□"
+    assert decode_poem(tok, [tok.unk_token_id, ids("<RES>"), tok.unk_token_id]) == "□<RES>□"
+
+
+def test_a_line_with_a_prompt_marker_in_it_is_no_verse_line(tok):
+    """<RES> is five characters long: written on a line of its own, the old decoding dropped it, and counted as
+    text it would make a 五言 line. Neither: the poem has no meter and no rule counts it."""
+    ids = tok.convert_tokens_to_ids
+    line = [ids(c) for c in "山水風月光"]
+    poem = [*line, ids("，"), ids("<RES>"), ids("。"), tok.eos_token_id]
+    (sample,) = generate_samples(ScriptedLM(poem), tok, ["月"], drop_finished=False)
+    assert sample.text == "山水風月光，<RES>。" and sample.finished
+    assert classify(sample.text).line_lengths == (5, 0)
+    assert not counts_for_rule(sample.text, True, "five_char")
+    assert counts_for_rule("山水風月光，山水風月光。", True, "five_char")
 
 
 def test_chat_template_is_used_when_the_tokenizer_has_one(tok, model):

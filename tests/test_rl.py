@@ -111,6 +111,9 @@ def test_rule_reward_reads_token_ids_finished_and_unknown(base_dir):
     dropped = tokenizer.decode(with_unknown, skip_special_tokens=True)
     assert rule_reward([dropped]) == [0.375]
     assert reward([dropped], completion_ids=[with_unknown]) == [1.0]
+    # A prompt marker written inside the poem is no character to drop: the poem no longer has the form.
+    marker = tokenizer.convert_tokens_to_ids("<RES>")
+    assert reward([FIVE], completion_ids=[ids[:2] + [marker] + ids[2:] + [eos]]) == [pytest.approx(0.375)]
 
 
 # --- end to end -----------------------------------------------------------------------------------------------

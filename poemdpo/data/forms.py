@@ -11,6 +11,9 @@ _SPLIT = re.compile("[" + re.escape(LINE_BREAKS) + "]+")
 PUNCTUATION = set(LINE_BREAKS) | set("「」『』《》（）()〈〉…·—")
 # Marks inside a line that are not characters of the verse: quotation and book-title brackets, spaces.
 _NOT_CHARACTERS = re.compile(r"[「」『』《》〈〉（）()…·—\s]")
+# A token a model wrote that is not text -- a prompt marker such as <RES>, a chat model's turn token -- stays in its
+# poem as written (`generation.decode_poem`). No corpus poem holds one; a line that does is no verse line at all.
+_MARKUP = re.compile(r"<[^<>\s]+>")
 
 
 @dataclass(frozen=True)
@@ -55,7 +58,9 @@ def split_lines(text: str) -> list[str]:
 
 
 def classify(text: str) -> Form:
-    return Form(tuple(len(line) for line in split_lines(text)))
+    """The poem's form from its line lengths; a line with a special token in it (`_MARKUP`) has length 0, so a poem
+    holding one has no meter (<RES> is five characters long, but no five-character line)."""
+    return Form(tuple(0 if _MARKUP.search(line) else len(line) for line in split_lines(text)))
 
 
 def is_strict_five(text: str) -> bool:

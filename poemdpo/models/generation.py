@@ -146,14 +146,17 @@ def plain_sampling(model, temperature: float = 1.0, top_k: int = 0, top_p: float
 
 
 def decode_poem(tokenizer, ids: Sequence[int]) -> str:
-    """`ids` as text without special tokens, each unknown token written as UNKNOWN_CHARACTER."""
+    """`ids` as text, each unknown token written as UNKNOWN_CHARACTER and every other token as written, special
+    ones too (callers cut the eos first). A prompt marker the model wrote (<RES>) stays in the poem: dropped, it
+    would shorten a line unseen and the text would no longer re-encode to the ids sampled, which the KL estimate
+    scores (a degenerate model writing <RES> read as -279 nats per poem)."""
     unk = tokenizer.unk_token_id
     pieces, start = [], 0
     for i, token in enumerate(ids):
         if token == unk:
-            pieces.append(tokenizer.decode(ids[start:i], skip_special_tokens=True))
+            pieces.append(tokenizer.decode(ids[start:i]))
             start = i + 1
-    pieces.append(tokenizer.decode(ids[start:], skip_special_tokens=True))
+    pieces.append(tokenizer.decode(ids[start:]))
     return UNKNOWN_CHARACTER.join(pieces)
 
 
