@@ -12,7 +12,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from conftest import make_corpus_poems
-from poemdpo.data.forms import classify
+from poemdpo.data.forms import classify, is_well_formed
 from poemdpo.data.prompts import build_prompt
 from poemdpo.evaluation.metrics import counts_for_rule
 from poemdpo.models import generation
@@ -371,6 +371,7 @@ def test_a_line_with_a_prompt_marker_in_it_is_no_verse_line(tok):
     assert sample.text == "山水風月光，<RES>。" and sample.finished
     assert classify(sample.text).line_lengths == (5, 0)
     assert not counts_for_rule(sample.text, True, "five_char")
+    assert not is_well_formed("<RES>山水，<INP>。")  # two lines of length 0 are not two lines of one length
     assert counts_for_rule("山水風月光，山水風月光。", True, "five_char")
 
 

@@ -69,13 +69,15 @@ def is_strict_five(text: str) -> bool:
 
 
 def is_well_formed(text: str) -> bool:
-    """All lines the same length, an even number of lines, and the poem ends in punctuation."""
+    """All lines the same length, an even number of lines, and the poem ends in punctuation; no line holds a
+    special token (length 0 in `classify`)."""
     form = classify(text)
     stripped = text.rstrip()
     return (
         form.n_lines > 0
         and form.n_lines % 2 == 0
         and len(set(form.line_lengths)) == 1
+        and form.line_lengths[0] > 0
         and stripped[-1] in PUNCTUATION
     )
 
