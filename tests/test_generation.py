@@ -106,7 +106,8 @@ def early_ending_lm(tok) -> LlamaForCausalLM:
     """An untied tiny Llama that also ends a poem at a common character, so poems of one batch end at different
     steps (a random model seldom writes eos itself)."""
     model = tiny_lm(tok, tie=False)
-    probe = [set(tok(s.text, add_special_tokens=False)["input_ids"])
+    markers = set(tok.all_special_ids) - {tok.unk_token_id}  # written into a poem, they stay: not a character
+    probe = [set(tok(s.text, add_special_tokens=False)["input_ids"]) - markers
              for s in generate_samples(model, tok, TITLES, max_new_tokens=24, do_sample=False)]
     # A character some poems write and others do not: they end at it, the others run to the length limit.
     some = min(set().union(*probe), key=lambda t: (abs(sum(t in p for p in probe) - len(probe) / 2), t))
