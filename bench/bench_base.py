@@ -1,7 +1,8 @@
 """Benchmark the base-model recipe; prints figures, asserts nothing.
 
-(a) speed: tokens/s of a plain PyTorch loop and of our trainer on the same initial weights and the same
-    batches (the trainer's own dataloader), side by side, alternating, and their ratio;
+(a) speed: tokens/s of a plain PyTorch loop (transformers' own loss) and of our trainer (the recipe's, e.g. its
+    chunked loss) on the same initial weights and the same batches (the trainer's own dataloader), side by side,
+    alternating, and their ratio; each with its GFLOP/s and share of the fp32 matmul bound measured in the run;
 (b) --full_epoch: train the whole recipe (writes --output_dir, default data/base_model) and time it;
 (c) quality of the model in --model_dir (default: the output dir): poems sampled at temperature 1.0 for
     held-out titles, their well-formed / 五言 / 七言 rates, and the held-out loss per character.
@@ -9,7 +10,7 @@
     flock /tmp/poemdpo-heavy.lock python bench/bench_base.py --config configs/base_tiny_cpu.yaml
     flock /tmp/poemdpo-heavy.lock python bench/bench_base.py --config configs/base_tiny_cpu.yaml --full_epoch
 
-Any recipe key can be overridden to see what a switch costs, e.g. `--bf16 true` or
+Any recipe key can be overridden to see what a switch costs, e.g. `--chunked_loss false`, `--bf16 true` or
 `--per_device_train_batch_size 32`; `--sft_trainer true` times TRL's SFTTrainer instead.
 """
 
@@ -154,8 +155,17 @@ def _sft_trainer(args: BaseModelArguments, training_args: TrainingArguments, tex
     return SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
 
 
+def matmul_weights(model: torch.nn.Module) -> int:
+    """Weights that multiply every token (the LM head included, counted once when tied); training does ~6 FLOPs each
+    per token. Attention scores are left out, so GFLOP/s from it is a lower bound."""
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
 def speed(args: BaseModelArguments, training_args: TrainingArguments, bench: BenchArguments) -> None:
+    from bench_sampling import matmul_gflops
+
     fall_back_to_fp32(training_args)  # time what train_base.py would train with on this CPU
+    bound = matmul_gflops()
     texts = load_training_texts(args)
     n = bench.warmup + bench.steps
     name = "SFTTrainer" if bench.sft_trainer else "Trainer"
@@ -192,12 +202,19 @@ def speed(args: BaseModelArguments, training_args: TrainingArguments, bench: Ben
             ours = sum(map(_tokens, timed)) / (clock.times[n - 1] - clock.times[bench.warmup - 1])
             same = list(map(_digest, recorder.batches[:n])) == list(map(_digest, batches))
             ratios.append(ours / plain)
+            flops = 6 * matmul_weights(model)
+
+            def rate(tokens_per_s: float, flops: int = flops) -> str:
+                gflops = tokens_per_s * flops / 1e9
+                return f"{tokens_per_s:,.0f} tokens/s ({gflops:.0f} GFLOP/s, {100 * gflops / bound:.0f}% of the bound)"
+
             print(
                 f"round {round_ + 1}: batch {tuple(batches[0]['input_ids'].shape)}, same batches {same} | "
-                f"plain loop {plain:,.0f} tokens/s | {name} {ours:,.0f} tokens/s | ratio {ours / plain:.2f}",
+                f"plain loop {rate(plain)} | {name} {rate(ours)} | ratio {ours / plain:.2f}",
                 flush=True,
             )
-    print(f"median ratio {name}/plain over {len(ratios)} rounds: {statistics.median(ratios):.2f}")
+    print(f"median ratio {name}/plain over {len(ratios)} rounds: {statistics.median(ratios):.2f}; fp32 matmul bound "
+          f"measured at the start {bound:.0f} GFLOP/s (a 2048² matmul)")
 
 
 def full_epoch(args: BaseModelArguments, training_args: TrainingArguments) -> None:

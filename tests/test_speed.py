@@ -1,4 +1,5 @@
-"""poemdpo/training/speed.py: the compact LM head agrees with TRL's fused head; length columns feed group_by_length."""
+"""poemdpo/training/speed.py: the compact LM head agrees with TRL's fused head; length columns feed group_by_length;
+the chunked base-model loss agrees with transformers' own."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import copy
 import pytest
 import torch
 from datasets import Dataset
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from trl import DPOConfig, DPOTrainer
 from trl.trainer.utils import add_fused_lm_head
@@ -17,6 +18,7 @@ from poemdpo.training.speed import (
     LENGTH_COLUMN,
     add_compact_lm_head,
     supports_compact_head,
+    use_chunked_lm_loss,
     use_compact_lm_head,
     with_lengths,
 )
@@ -127,3 +129,58 @@ def test_trainer_with_both_switches_trains_like_trl(tokenizer, tmp_path):
         assert ours._metrics["train"][key] == pytest.approx(trl_trainer._metrics["train"][key], abs=1e-4), key
     ours.train()
     assert ours.state.global_step == 1
+
+
+def packed_batch(tokenizer) -> dict:
+    """Two rows of packed poems as train_base.py batches them: labels -100 at padding and at each poem's start."""
+    texts = [p + c + tokenizer.eos_token for p, c in zip(PAIRS["prompt"], PAIRS["chosen"], strict=True)]
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    rows = [ids[0] + ids[1], ids[2] + ids[3] + ids[4]]
+    width = max(map(len, rows)) + 3
+    input_ids = torch.full((2, width), tokenizer.pad_token_id)
+    labels = torch.full((2, width), -100)
+    for r, row in enumerate(rows):
+        input_ids[r, : len(row)] = labels[r, : len(row)] = torch.tensor(row)
+    labels[0, 0] = labels[0, len(ids[0])] = labels[1, 0] = -100
+    return {"input_ids": input_ids, "labels": labels}
+
+
+@pytest.mark.parametrize("num_items_in_batch", [None, 97])
+def test_chunked_loss_gives_transformers_loss_and_gradients(tokenizer, num_items_in_batch):
+    theirs = tiny_model(tokenizer)
+    ours = copy.deepcopy(theirs)
+    assert use_chunked_lm_loss(ours, chunk=7)  # several chunks, the last one partial
+    batch = packed_batch(tokenizer)
+    kwargs = {} if num_items_in_batch is None else {"num_items_in_batch": torch.tensor(num_items_in_batch)}
+    expected, got = theirs(**batch, **kwargs).loss, ours(**batch, **kwargs).loss
+    expected.backward()
+    got.backward()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    grads = dict(ours.named_parameters())
+    for name, parameter in theirs.named_parameters():
+        torch.testing.assert_close(grads[name].grad, parameter.grad, rtol=1e-4, atol=1e-7, msg=name)
+    with torch.no_grad():  # evaluation: the loss alone
+        torch.testing.assert_close(ours(**batch).loss, theirs(**batch).loss, rtol=1e-5, atol=1e-6)
+    # without labels (generation, scoring) the model's own forward, logits included
+    torch.testing.assert_close(ours(input_ids=batch["input_ids"]).logits, theirs(input_ids=batch["input_ids"]).logits)
+
+
+def test_chunked_loss_trains_as_transformers_loss(tmp_path):
+    """Three Trainer steps of train_base.py's trainer, the same batches, with and without the chunked loss."""
+    from conftest import make_corpus_poems
+    from poemdpo.models.base_model import BaseModelArguments, make_trainer
+
+    texts = [p["title"] + "".join(p["paragraphs"]) for p in make_corpus_poems(40)]
+    histories = {}
+    for chunked in (False, True):
+        args = BaseModelArguments(hidden_size=32, intermediate_size=64, num_hidden_layers=2, max_length=64,
+                                  min_frequency=1, chunked_loss=chunked)
+        training_args = TrainingArguments(output_dir=str(tmp_path / str(chunked)), per_device_train_batch_size=4,
+                                          max_steps=3, learning_rate=1e-2, logging_steps=1, use_cpu=True,
+                                          report_to=[], save_strategy="no", disable_tqdm=True, seed=0)
+        torch.manual_seed(0)  # the same initial weights
+        trainer = make_trainer(args, training_args, texts)
+        trainer.train()
+        histories[chunked] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(histories[True]) == 3
+    assert histories[True] == pytest.approx(histories[False], rel=1e-4)

@@ -1,6 +1,7 @@
 """Training speed on a CPU: what TRL's DPOTrainer has no switch for (bench/bench_dpo.py measures it).
 
-Two pieces, both wired into train_dpo.py (the compact head also into train_sft.py's trainer):
+Three pieces. The first two are wired into train_dpo.py (the compact head also into train_sft.py's trainer), the
+third into train_base.py:
 
 * `with_lengths`: a `length` column, so that `train_sampling_strategy: group_by_length` can batch pairs of
   similar length. The Trainer's LengthGroupedSampler looks for `length` (or `input_ids`, which DPO rows do not
@@ -10,6 +11,10 @@ Two pieces, both wired into train_dpo.py (the compact head also into train_sft.p
   top-1 on each of them, and recomputes the projection in the backward. Here the head projects only the
   positions that have a label (the completions), in one matmul, and computes those metrics without grad.
   On CUDA/XPU TRL's Triton kernel already scores only labelled positions; it is left in place there.
+* `use_chunked_lm_loss`: a base model's loss without its `[tokens, vocab]` logits. transformers projects every
+  position, keeps the logits, and takes log-softmax and its backward over them: 34 MB of floats per step of the
+  base recipe, swept several times, each sweep at memory speed. Here the projection, the loss and its gradient
+  are computed 512 positions at a time, each chunk while it is still in cache.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import types
 
 import torch
 from datasets import Dataset
+from transformers.modeling_outputs import CausalLMOutputWithPast
 from trl.trainer.utils import FusedCausalLMOutput
 
 LENGTH_COLUMN = "length"  # TrainingArguments.length_column_name's default
@@ -110,4 +116,85 @@ def use_compact_lm_head(trainer, outputs: tuple[str, ...] = ("log_probs", "entro
     add_compact_lm_head(model, outputs)
     if getattr(trainer, "ref_model", None) is not None:
         add_compact_lm_head(trainer.ref_model)
+    return True
+
+
+LOSS_CHUNK = 512  # positions per chunk: 1.6x faster than 128 or the whole batch at once for the base recipe's head
+
+
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of `hidden @ weight.T` against `targets` (-100: no loss), divided by `divisor`.
+
+    The gradients are computed in the forward, chunk by chunk, while each chunk's logits are at hand: with d the
+    divisor, d loss / d logits = (softmax - one-hot) / d on the labelled rows. The backward only scales them by the
+    incoming gradient, so this is for a loss that is backpropagated as is (a Trainer's training step).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, divisor: torch.Tensor,
+                chunk: int) -> torch.Tensor:
+        grad_hidden, grad_weight = torch.zeros_like(hidden), torch.zeros_like(weight)
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for start in range(0, hidden.shape[0], chunk):
+            rows, labels = hidden[start:start + chunk], targets[start:start + chunk]
+            labelled = labels != -100
+            labels = labels.clamp(min=0)
+            logits = (rows @ weight.T).float()
+            log_normalizer = torch.logsumexp(logits, dim=-1)
+            picked = logits.gather(-1, labels[:, None]).squeeze(-1)
+            total += ((log_normalizer - picked) * labelled).sum()
+            # the logits become d loss / d logits, in place
+            logits.sub_(log_normalizer[:, None]).exp_()
+            logits.scatter_add_(-1, labels[:, None], -torch.ones_like(picked)[:, None])
+            logits.mul_((labelled / divisor)[:, None])
+            grad = logits.to(rows.dtype)
+            grad_hidden[start:start + chunk] = grad @ weight
+            grad_weight.addmm_(grad.T, rows)
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        return total / divisor
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_output, grad_weight * grad_output, None, None, None
+
+
+def chunked_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                    num_items_in_batch: torch.Tensor | int | None = None, chunk: int = LOSS_CHUNK) -> torch.Tensor:
+    """transformers' causal-LM loss (mean over labelled positions, or sum / `num_items_in_batch`) of the already
+    shifted `hidden` [n, hidden] and `targets` [n]. Without grad it only computes the loss, chunk by chunk."""
+    divisor = (targets != -100).sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+    divisor = torch.as_tensor(divisor, device=hidden.device, dtype=torch.float32)
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        return ChunkedCrossEntropy.apply(hidden, weight, targets, divisor, chunk)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, hidden.shape[0], chunk):
+        logits = (hidden[start:start + chunk] @ weight.T).float()
+        total += torch.nn.functional.cross_entropy(logits, targets[start:start + chunk], reduction="sum")
+    return total / divisor
+
+
+def use_chunked_lm_loss(model: torch.nn.Module, chunk: int = LOSS_CHUNK) -> bool:
+    """Make `model(..., labels=labels)` compute its loss with `chunked_lm_loss` and return no logits. Other calls
+    (no labels: generation, scoring) run the model's own forward. Returns False, changing nothing, for a model whose
+    logits are rescaled or whose head has a bias."""
+    head = model.get_output_embeddings()
+    if not supports_compact_head(model) or getattr(head, "bias", None) is not None:
+        return False
+    original_forward = types.MethodType(type(model).forward, model)
+
+    @functools.wraps(type(model).forward)  # the Trainer reads the signature (it accepts num_items_in_batch)
+    def forward(self, *args, labels=None, num_items_in_batch=None, **kwargs):
+        if labels is None:
+            if num_items_in_batch is not None:
+                kwargs["num_items_in_batch"] = num_items_in_batch
+            return original_forward(*args, **kwargs)
+        kwargs["use_cache"] = False
+        kwargs.pop("logits_to_keep", None)
+        hidden = self.base_model(*args, **kwargs).last_hidden_state
+        hidden, targets = hidden[:, :-1].reshape(-1, hidden.shape[-1]), labels[:, 1:].reshape(-1)
+        loss = chunked_lm_loss(hidden, self.get_output_embeddings().weight, targets, num_items_in_batch, chunk)
+        return CausalLMOutputWithPast(loss=loss)
+
+    model.forward = types.MethodType(forward, model)
     return True
