@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None):
         model=model, reward_funcs=[reward], args=args, train_dataset=prompts, processing_class=tokenizer,
         peft_config=get_peft_config(model_args), sampler=script_args.sampler,
         drop_finished=script_args.drop_finished, ptx_poems=ptx_poems, ptx_coef=script_args.ptx_coef,
-        ptx_batch_size=script_args.ptx_batch_size,
+        ptx_batch_size=script_args.ptx_batch_size, compact_lm_head=script_args.compact_lm_head,
     )
     if isinstance(reward, RewardModelReward):
         reward.to(trainer.accelerator.device)
@@ -151,6 +151,7 @@ def main(argv: list[str] | None = None):
             "use_peft": model_args.use_peft, "train_titles": len(titles),
             "completions": trainer.completions_generated, "generation_seconds": trainer.generation_seconds,
             "sampler": script_args.sampler, "drop_finished": script_args.drop_finished,
+            "compact_lm_head": trainer.compact_lm_head,
             "num_generations": getattr(args, "num_generations", 2),  # online DPO: always a pair
             "max_completion_length": getattr(args, limit), "ptx_coef": script_args.ptx_coef,
             **{key: getattr(args, key) for key in ("beta", "temperature", "top_k", "top_p", "learning_rate")},

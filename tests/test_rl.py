@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from test_prosody import CHUN_WANG, DENG_GUAN_QUE_LOU, MIXED, swap
 from test_reward import make_pairs_dir, tiny_base_dir
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from trl.trainer.utils import add_fused_lm_head
 
 import train_rl
 from poemdpo.data.rules import RULES, credit, preferred
@@ -171,6 +172,31 @@ def test_rl_with_the_rule_keeps_a_kl_penalty_and_saves_a_loadable_policy(tmp_pat
     assert info["max_completion_length"] == 48 and info["completions"] == 24
     card = (out / "README.md").read_text(encoding="utf-8")
     assert f"base_model: {base_dir}" in card and f"tags: [trl, {method}" in card and "rule_reward" in card
+
+
+@pytest.mark.parametrize("method", ["grpo", "rloo"])
+def test_rl_scores_only_the_poems_through_the_lm_head_with_trls_log_probs(tmp_path, base_dir, pairs_dir, method):
+    """The compact head (poemdpo.training.speed) replaces TRL's CPU head, which projects prompts and padding too:
+    per-token log-probs and entropies at TRL's temperature are TRL's, for left-padded prompts and right-padded poems."""
+    trainer = run(tmp_path / method, base_dir, pairs_dir, method, "--max_steps", "1", "--temperature", "0.7")
+    assert trainer.compact_lm_head
+    trl_head = AutoModelForCausalLM.from_pretrained(tmp_path / method)  # the trained weights
+    add_fused_lm_head(trl_head, temperature=0.7, outputs=("log_probs", "entropy"))
+    tokenizer, pad = trainer.processing_class, trainer.processing_class.pad_token_id
+    prompts = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in ("<INS>山<RES>", "<INS>水月山<RES>")]
+    poems = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in (FIVE, "山水。")]
+    width, keep = max(map(len, prompts)), max(map(len, poems))
+    input_ids = torch.tensor([[pad] * (width - len(p)) + p + c + [pad] * (keep - len(c))
+                              for p, c in zip(prompts, poems, strict=True)])
+    attention_mask = (input_ids != pad).long()
+    ours = trainer._get_per_token_logps_and_entropies(trainer.model, input_ids, attention_mask, keep,
+                                                      compute_entropy=True)
+    theirs = trainer._get_per_token_logps_and_entropies(trl_head, input_ids, attention_mask, keep,
+                                                        compute_entropy=True)
+    mask = attention_mask[:, -keep:].bool()
+    assert mask.sum() == sum(map(len, poems))
+    for got, expected in zip(ours[:2], theirs[:2], strict=True):
+        torch.testing.assert_close(got[mask], expected[mask], atol=1e-5, rtol=1e-5)
 
 
 def test_ptx_adds_the_next_token_loss_of_corpus_poems_to_every_rl_step(tmp_path, base_dir, pairs_dir, monkeypatch):

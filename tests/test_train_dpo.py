@@ -449,3 +449,24 @@ def test_pairs_that_max_length_would_cut_are_left_out(tmp_path, pairs_dir, templ
     assert max(longest(dropped.train_dataset)) <= max_length
     assert len(dropped.train_dataset) == 32  # the max_train_pairs are drawn from the pairs that fit
     assert json.loads((out / "poemdpo.json").read_text())["train_pairs"] == 32
+
+
+def test_held_out_pairs_are_evaluated_by_length_with_the_same_metrics(tmp_path, pairs_dir, monkeypatch):
+    """Sorted by length, held-out pairs pad less; the per-pair metrics are means over the same pairs, so they stay."""
+    from transformers import Trainer
+
+    model_dir = tiny_model_dir(tmp_path / "base", "llama", pairs_dir)
+    trainer, _ = run(tmp_path, model_dir, pairs_dir, "--max_steps", "1", "--per_device_eval_batch_size", "1",
+                     "--sample_titles", "0")
+    order = list(trainer._get_eval_sampler(trainer.eval_dataset))
+    lengths = trainer.eval_dataset["length"]
+    assert len(lengths) > 2 and len(set(lengths)) > 1
+    assert sorted(order) == list(range(len(lengths))) and [lengths[i] for i in order] == sorted(lengths)
+    by_length = trainer.evaluate()
+    monkeypatch.setattr(type(trainer), "_get_eval_sampler", Trainer._get_eval_sampler)
+    assert [lengths[i] for i in trainer._get_eval_sampler(trainer.eval_dataset)] != sorted(lengths)
+    grouped = trainer.evaluate()
+    # Per-pair means. (The recipe's eval_loss holds the SFT term, a token mean per batch: it moves with the batching,
+    # by group_by_length's shuffle before as by length now.)
+    for key in ("eval_rewards/margins", "eval_rewards/accuracies", "eval_logps/chosen", "eval_logps/rejected"):
+        assert by_length[key] == pytest.approx(grouped[key], rel=1e-4, abs=1e-5), key

@@ -49,6 +49,7 @@ from poemdpo.training.dpo import DEFAULT_DATASET
 from poemdpo.training.model_card import card_results, prompt_section
 from poemdpo.training.recipe import method_named
 from poemdpo.training.reward import load_reward_model, score
+from poemdpo.training.speed import use_compact_lm_head
 
 METHODS = {"grpo": (GRPOConfig, GRPOTrainer), "rloo": (RLOOConfig, RLOOTrainer),
            "online_dpo": (OnlineDPOConfig, OnlineDPOTrainer)}
@@ -135,6 +136,12 @@ class RLScriptArguments:
         metadata={"help": "TRL's generate call decodes with generation.sample_dropping_finished (finished poems leave "
                   "the batch, the KV cache grows with the poems) where the generation settings are plain sampling; "
                   "false: transformers' generate. The same distribution."},
+    )
+    compact_lm_head: bool = field(
+        default=True,
+        metadata={"help": "GRPO and RLOO, off CUDA/XPU: score the poems' tokens through the LM head in one matmul of "
+                  "the poem positions only (poemdpo.training.speed), where TRL's CPU head projects every position, "
+                  "prompts and padding too, and again in the backward. The same log-probs. false: TRL's head."},
     )
 
 
@@ -349,12 +356,17 @@ def check_reward_model(path: str, splits: SplitSpec | None, chat: bool) -> None:
 
 class _PoemRL:
     """What poem-dpo adds to TRL's RL trainers: metrics handed in by callbacks join the next training log (the
-    sample poems' rates, as `PoemDPOTrainer` does), every training log carries β, and the time spent writing
-    poems is counted, so the run reports its generation throughput."""
+    sample poems' rates, as `PoemDPOTrainer` does), every training log carries β, the time spent writing
+    poems is counted, so the run reports its generation throughput, and off CUDA the poems are scored through the
+    compact LM head."""
 
     def __init__(self, *args, sampler: str = DEFAULT_SAMPLER, drop_finished: bool = DROP_FINISHED,
-                 ptx_poems: Dataset | None = None, ptx_coef: float = 0.0, ptx_batch_size: int = 32, **kwargs):
+                 ptx_poems: Dataset | None = None, ptx_coef: float = 0.0, ptx_batch_size: int = 32,
+                 compact_lm_head: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
+        # TRL's GRPO and RLOO score through its fused LM head (online DPO does not): swap in the compact one
+        self.compact_lm_head = (compact_lm_head and not isinstance(self, OnlineDPOTrainer)
+                                and use_compact_lm_head(self, ("log_probs", "entropy"), self.temperature))
         self.ptx_coef, self.ptx_batch_size = ptx_coef, ptx_batch_size
         self._ptx = ptx_poems.shuffle(seed=self.args.seed) if ptx_poems is not None and ptx_coef else None
         self._ptx_position = 0

@@ -1,7 +1,7 @@
 """Training speed on a CPU: what TRL's DPOTrainer has no switch for (bench/bench_dpo.py measures it).
 
-Three pieces. The first two are wired into train_dpo.py (the compact head also into train_sft.py's trainer), the
-third into train_base.py:
+Three pieces. The first two are wired into train_dpo.py (the compact head also into train_sft.py's trainer and
+train_rl.py's GRPO and RLOO), the third into train_base.py:
 
 * `with_lengths`: a `length` column, so that `train_sampling_strategy: group_by_length` can batch pairs of
   similar length. The Trainer's LengthGroupedSampler looks for `length` (or `input_ids`, which DPO rows do not
@@ -55,10 +55,12 @@ def supports_compact_head(model: torch.nn.Module) -> bool:
     return all(getattr(text_config, name, None) in (None, 1.0) for name in LOGIT_TRANSFORMS)
 
 
-def add_compact_lm_head(model: torch.nn.Module, outputs: tuple[str, ...] = ("log_probs",)) -> None:
+def add_compact_lm_head(model: torch.nn.Module, outputs: tuple[str, ...] = ("log_probs",),
+                        temperature: float = 1.0) -> None:
     """Give `model` the calling convention of TRL's `add_fused_lm_head`: `model(..., labels=labels,
-    fused_lm_head=True)` returns a `FusedCausalLMOutput`. Only positions whose next-token label is not -100 are
-    projected; `outputs` other than log_probs are computed without grad (TRL logs them, nothing trains on them)."""
+    fused_lm_head=True)` returns a `FusedCausalLMOutput`, from logits divided by `temperature` as TRL's are. Only
+    positions whose next-token label is not -100 are projected; `outputs` other than log_probs are computed without
+    grad (TRL logs them, nothing trains on them)."""
     original_forward = types.MethodType(type(model).forward, model)
 
     @functools.wraps(type(model).forward)  # `generate` checks its kwargs against this signature
@@ -78,6 +80,8 @@ def add_compact_lm_head(model: torch.nn.Module, outputs: tuple[str, ...] = ("log
         mask = labels != -100
         targets = labels[mask]
         logits = self.get_output_embeddings()(hidden[mask]).float()  # [labelled positions, vocab]
+        if temperature != 1.0:
+            logits = logits / temperature
         log_softmax = torch.log_softmax(logits, dim=-1)
         picked = log_softmax.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
@@ -102,10 +106,10 @@ def add_compact_lm_head(model: torch.nn.Module, outputs: tuple[str, ...] = ("log
 
 
 def use_compact_lm_head(trainer, outputs: tuple[str, ...] = ("log_probs", "entropy", "mean_logits", "is_top1"),
-                        ) -> bool:
+                        temperature: float = 1.0) -> bool:
     """Swap TRL's fused LM head for the compact one on the policy (computing `outputs`) and the reference if the
-    trainer has one, off CUDA/XPU. Returns whether it did (False on GPUs, for PEFT models and for models whose
-    logits are rescaled)."""
+    trainer has one, off CUDA/XPU, both at `temperature` (the RL trainers' sampling temperature). Returns whether
+    it did (False on GPUs, for PEFT models and for models whose logits are rescaled)."""
     from trl.kernels.chunked_logprob import _use_triton
 
     model = trainer.model
@@ -113,9 +117,9 @@ def use_compact_lm_head(trainer, outputs: tuple[str, ...] = ("log_probs", "entro
         return False
     if getattr(trainer, "use_weighting", False):  # DPO's WPO weighting
         outputs += ("log_sum_sq_probs",)
-    add_compact_lm_head(model, outputs)
+    add_compact_lm_head(model, outputs, temperature)
     if getattr(trainer, "ref_model", None) is not None:
-        add_compact_lm_head(trainer.ref_model)
+        add_compact_lm_head(trainer.ref_model, temperature=temperature)
     return True
 
 
