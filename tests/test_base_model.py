@@ -253,3 +253,16 @@ def test_every_base_recipe_parses_and_only_the_default_writes_the_embedded_model
     model = build_model(args, train_char_tokenizer(["春眠不覺曉，處處聞啼鳥。"], min_frequency=1))
     assert (model.config.hidden_size, model.config.num_attention_heads) == (args.hidden_size, args.num_attention_heads)
     assert (training_args.output_dir == "data/base_model") is (recipe == "base_tiny_cpu.yaml")
+
+
+def test_one_seed_trains_the_same_weights_and_another_seed_others(tmp_path):
+    """--seed fixes the initial weights too (the Trainer seeds torch only after the model is built)."""
+    from safetensors.torch import load_file
+
+    corpus = _write_corpus(tmp_path)
+    weights = {}
+    for name, seed in (("a", "7"), ("b", "7"), ("c", "8")):
+        run(corpus, tmp_path / name, "--max_steps", "2", "--seed", seed, "--save_strategy", "no")
+        weights[name] = load_file(tmp_path / name / "model.safetensors")
+    assert all(torch.equal(weights["a"][k], weights["b"][k]) for k in weights["a"])
+    assert not torch.equal(weights["a"]["model.embed_tokens.weight"], weights["c"]["model.embed_tokens.weight"])

@@ -29,6 +29,7 @@ from transformers import (
     PreTrainedTokenizerFast,
     Trainer,
     TrainingArguments,
+    set_seed,
 )
 from transformers.trainer_utils import get_last_checkpoint
 from trl import pack_dataset
@@ -280,6 +281,9 @@ def make_trainer(
     dataset = packed_dataset(
         texts, tokenizer, args.max_length, args.packing_strategy, training_args.seed, args.overlong
     )
+    # The Trainer seeds torch only once it is built, after the model: seed the initial weights here, or every run of
+    # one --seed starts from other weights.
+    set_seed(training_args.seed)
     model = build_model(args, tokenizer)
     if args.chunked_loss:
         use_chunked_lm_loss(model)
