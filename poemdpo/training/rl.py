@@ -360,12 +360,13 @@ class _PoemRL:
     poems is counted, so the run reports its generation throughput, and off CUDA the poems are scored through the
     compact LM head."""
 
+    scores_through_fused_lm_head = True  # TRL's GRPO and RLOO: their `add_fused_lm_head` is swapped for ours
+
     def __init__(self, *args, sampler: str = DEFAULT_SAMPLER, drop_finished: bool = DROP_FINISHED,
                  ptx_poems: Dataset | None = None, ptx_coef: float = 0.0, ptx_batch_size: int = 32,
                  compact_lm_head: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
-        # TRL's GRPO and RLOO score through its fused LM head (online DPO does not): swap in the compact one
-        self.compact_lm_head = (compact_lm_head and not isinstance(self, OnlineDPOTrainer)
+        self.compact_lm_head = (compact_lm_head and self.scores_through_fused_lm_head
                                 and use_compact_lm_head(self, ("log_probs", "entropy"), self.temperature))
         self.ptx_coef, self.ptx_batch_size = ptx_coef, ptx_batch_size
         self._ptx = ptx_poems.shuffle(seed=self.args.seed) if ptx_poems is not None and ptx_coef else None
@@ -437,6 +438,8 @@ class PoemOnlineDPOTrainer(_PoemRL, OnlineDPOTrainer):
     in its eos; they are cut after the first eos here (TRL's own `truncate_right` pads only after it).
     A tie (both poems fully rewarded, most pairs once the policy writes the form) still becomes a pair in TRL, the
     first poem taken as chosen: such pairs carry no preference, only noise around the reference."""
+
+    scores_through_fused_lm_head = False  # scores with the model's own forward: nothing to swap
 
     def _generate(self, model, prompts, images=None):
         return self._timed(2 * len(prompts), super()._generate, model, prompts, images)
