@@ -161,6 +161,11 @@ def matmul_weights(model: torch.nn.Module) -> int:
     return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
 
 
+def _rate(tokens_per_s: float, flops_per_token: int, bound: float) -> str:
+    gflops = tokens_per_s * flops_per_token / 1e9
+    return f"{tokens_per_s:,.0f} tokens/s ({gflops:.0f} GFLOP/s, {100 * gflops / bound:.0f}% of the bound)"
+
+
 def speed(args: BaseModelArguments, training_args: TrainingArguments, bench: BenchArguments) -> None:
     from bench_sampling import matmul_gflops
 
@@ -203,14 +208,10 @@ def speed(args: BaseModelArguments, training_args: TrainingArguments, bench: Ben
             same = list(map(_digest, recorder.batches[:n])) == list(map(_digest, batches))
             ratios.append(ours / plain)
             flops = 6 * matmul_weights(model)
-
-            def rate(tokens_per_s: float, flops: int = flops) -> str:
-                gflops = tokens_per_s * flops / 1e9
-                return f"{tokens_per_s:,.0f} tokens/s ({gflops:.0f} GFLOP/s, {100 * gflops / bound:.0f}% of the bound)"
-
             print(
                 f"round {round_ + 1}: batch {tuple(batches[0]['input_ids'].shape)}, same batches {same} | "
-                f"plain loop {rate(plain)} | {name} {rate(ours)} | ratio {ours / plain:.2f}",
+                f"plain loop {_rate(plain, flops, bound)} | {name} {_rate(ours, flops, bound)} | "
+                f"ratio {ours / plain:.2f}",
                 flush=True,
             )
     print(f"median ratio {name}/plain over {len(ratios)} rounds: {statistics.median(ratios):.2f}; fp32 matmul bound "

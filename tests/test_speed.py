@@ -178,8 +178,7 @@ def test_chunked_loss_trains_as_transformers_loss(tmp_path):
         training_args = TrainingArguments(output_dir=str(tmp_path / str(chunked)), per_device_train_batch_size=4,
                                           max_steps=3, learning_rate=1e-2, logging_steps=1, use_cpu=True,
                                           report_to=[], save_strategy="no", disable_tqdm=True, seed=0)
-        torch.manual_seed(0)  # the same initial weights
-        trainer = make_trainer(args, training_args, texts)
+        trainer = make_trainer(args, training_args, texts)  # seeded by training_args.seed: the same initial weights
         trainer.train()
         histories[chunked] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(histories[True]) == 3
