@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> Trainer:
     )
     trainer.add_callback(samples)
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)  # parse_resume'd in check_settings
-    metrics = trainer.evaluate() if trainer.eval_dataset is not None else {}
+    metrics = trainer.final_metrics()  # the Trainer's evaluation at the last step, if it ran one
 
     # 6. Save model + tokenizer + card; push if asked.
     trainer.save_model(args.output_dir)

@@ -345,9 +345,9 @@ def test_fractional_eval_steps_is_a_share_of_the_run(tmp_path, pairs_dir):
     model_dir = tiny_model_dir(tmp_path / "base", "llama", pairs_dir)
     trainer, out = run(tmp_path, model_dir, pairs_dir, "--max_steps", "20", "--eval_steps", "0.1",
                        "--save_strategy", "no", "--sample_titles", "2", "--max_eval_pairs", "4")
-    evaluated = sorted({e["step"] for e in trainer.state.log_history if "eval_loss" in e})  # (+ the final one)
+    evaluated = [e["step"] for e in trainer.state.log_history if "eval_loss" in e]
     sampled = [e["step"] for e in trainer.state.log_history if "samples/five_char_rate" in e]
-    assert evaluated == list(range(2, 21, 2)) and sampled == evaluated
+    assert evaluated == list(range(2, 21, 2)) and sampled == evaluated  # step 20 once: no second final pass
     assert (out / "samples.md").read_text(encoding="utf-8").count("## step") == 10
 
 
@@ -470,3 +470,29 @@ def test_held_out_pairs_are_evaluated_by_length_with_the_same_metrics(tmp_path, 
     # by group_by_length's shuffle before as by length now.)
     for key in ("eval_rewards/margins", "eval_rewards/accuracies", "eval_logps/chosen", "eval_logps/rejected"):
         assert by_length[key] == pytest.approx(grouped[key], rel=1e-4, abs=1e-5), key
+
+
+def test_held_out_reference_log_probs_are_computed_once_with_trls_metrics(tmp_path, pairs_dir, monkeypatch):
+    """The frozen reference scores each held-out batch once; every evaluation's metrics stay TRL's own."""
+    from trl import DPOTrainer
+
+    model_dir = tiny_model_dir(tmp_path / "base", "llama", pairs_dir)
+    trainer, _ = run(tmp_path, model_dir, pairs_dir, "--max_steps", "2", "--per_device_eval_batch_size", "1",
+                     "--sample_titles", "0", "--save_strategy", "no")
+    assert trainer.final_metrics() == {k: v for k, v in trainer.state.log_history[-2].items() if k != "step"}
+    calls = []
+    forward = trainer.ref_model.forward
+    monkeypatch.setattr(trainer.ref_model, "forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
+    batches = len(trainer.get_eval_dataloader())
+    first, second = trainer.evaluate(), trainer.evaluate()
+    assert batches > 1 and len(calls) == 0  # the Trainer's evaluations during training scored them already
+    trainer.held_out_reference.clear()
+    kept = trainer.evaluate()
+    assert len(calls) == batches
+    monkeypatch.setattr(type(trainer), "_compute_loss", DPOTrainer._compute_loss)
+    stock = trainer.evaluate()
+    assert len(calls) == 2 * batches
+    for metrics in (first, second, kept):
+        for key, value in stock.items():
+            if "runtime" not in key and "per_second" not in key:
+                assert metrics[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key

@@ -22,14 +22,12 @@ anchor only inside a function of the margin that flattens, DPO's sigmoid.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from accelerate.utils import is_peft_model
 from trl import DPOConfig
 
 from poemdpo.errors import PoemDPOError
-from poemdpo.training.samples import PoemDPOTrainer
+from poemdpo.training.samples import PoemDPOTrainer, setting
 
 CHAPTER_LOSS_TYPES = ("chapter_unlikelihood", "chapter_linear")
 WITHOUT_REFERENCE = {"chapter_unlikelihood", "sft"}  # loss types that never read θ₀
@@ -98,16 +96,6 @@ class _LogProbRecorder:
         return outputs
 
 
-@contextlib.contextmanager
-def _set(obj, name: str, value):
-    old = getattr(obj, name)
-    setattr(obj, name, value)
-    try:
-        yield
-    finally:
-        setattr(obj, name, old)
-
-
 class ChapterDPOTrainer(PoemDPOTrainer):
     """PoemDPOTrainer with the chapter's objectives as loss types (see the module docstring).
 
@@ -163,11 +151,11 @@ class ChapterDPOTrainer(PoemDPOTrainer):
             if self.reference_free:
                 zeros = inputs["input_ids"].new_zeros(inputs["input_ids"].size(0) // 2, dtype=torch.float32)
                 ref_chosen, ref_rejected = zeros, zeros
-            else:  # the forward TRL would run inline, through its own function (PEFT adapter off, ld_alpha)
-                ref_chosen, ref_rejected = self.compute_ref_log_probs(self.ref_model or self.model, inputs)
+            else:  # the forward TRL would run inline, through its own function (kept for held-out batches)
+                ref_chosen, ref_rejected = self.reference_log_probs(inputs)
             inputs = {**inputs, "ref_chosen_logps": ref_chosen, "ref_rejected_logps": ref_rejected}
         recorder = _LogProbRecorder(model)
-        with _set(self, "precompute_ref_logps", True):
+        with setting(self, "precompute_ref_logps", True):
             result = super()._compute_loss(recorder, inputs, return_outputs)
         loss, outputs = result if return_outputs else (result, None)
         if recorder.log_probs is None:

@@ -4,10 +4,12 @@ DPOTrainer that train_dpo.py runs them in."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
 from pathlib import Path
 
+import torch
 from accelerate.utils import is_peft_model
 from transformers import TrainerCallback
 from trl import DPOTrainer
@@ -36,7 +38,9 @@ class PoemTrainerMixin:
     - a launch that does not run as launched stops (`check_engine`);
     - the final save is one whole model, and never pushes (`save_model`);
     - `resume_from_checkpoint=True` takes the last checkpoint that was finished (`last_complete_checkpoint`);
-    - held-out pairs are evaluated in order of length (`_get_eval_sampler`).
+    - held-out pairs are evaluated in order of length (`_get_eval_sampler`);
+    - the metrics after training are the Trainer's own last evaluation when it ran one at the last step
+      (`final_metrics`), not a second pass over the same pairs with the same weights.
     """
 
     def __init__(self, *args, **kwargs):
@@ -75,9 +79,67 @@ class PoemTrainerMixin:
             resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
+    def final_metrics(self) -> dict:
+        """Held-out metrics of the trained weights ({} without held-out pairs): the evaluation the Trainer ran at the
+        last step (eval_steps dividing the run, or eval_strategy epoch), else a new one."""
+        if self.eval_dataset is None:
+            return {}
+        last = next((entry for entry in reversed(self.state.log_history) if "eval_loss" in entry), None)
+        if last is not None and last.get("step") == self.state.global_step:
+            return {key: value for key, value in last.items() if key != "step"}
+        return self.evaluate()
+
 
 class PoemDPOTrainer(PoemTrainerMixin, DPOTrainer):
-    """TRL's DPOTrainer with PoemTrainerMixin's changes."""
+    """TRL's DPOTrainer with PoemTrainerMixin's changes, and the reference's log-probs of each held-out batch
+    computed once (`reference_log_probs`): every evaluation scores the same pairs in the same batches against a
+    reference that does not move, so from the second on only the policy runs (the recipe's evaluations: 2x faster)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.held_out_reference: dict[bytes, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def reference_log_probs(self, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """TRL's `compute_ref_log_probs` of a batch (the PEFT adapter off, ld_alpha), kept for held-out batches while
+        the reference stays frozen (not with `sync_ref_model`, which moves it)."""
+        reference = self.ref_model or self.model
+        if self.model.training or self.args.sync_ref_model:
+            return self.compute_ref_log_probs(reference, inputs)
+        key = batch_digest(inputs)
+        if key not in self.held_out_reference:
+            self.held_out_reference[key] = self.compute_ref_log_probs(reference, inputs)
+        return self.held_out_reference[key]
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        """Training batches as TRL computes them; held-out ones with the kept reference log-probs, handed to TRL as
+        precomputed (`ChapterDPOTrainer` hands its own the same way)."""
+        if self.precompute_ref_logps or self.model.training:
+            return super()._compute_loss(model, inputs, return_outputs)
+        ref_chosen, ref_rejected = self.reference_log_probs(inputs)
+        inputs = {**inputs, "ref_chosen_logps": ref_chosen, "ref_rejected_logps": ref_rejected}
+        with setting(self, "precompute_ref_logps", True):
+            return super()._compute_loss(model, inputs, return_outputs)
+
+
+def batch_digest(inputs: dict) -> bytes:
+    """A 16-byte digest of a batch's tensors (names, shapes, values): equal batches, equal digests."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name, value in sorted(inputs.items()):
+        if isinstance(value, torch.Tensor):
+            digest.update(f"{name}{tuple(value.shape)}{value.dtype}".encode())
+            digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return digest.digest()
+
+
+@contextlib.contextmanager
+def setting(obj, name: str, value):
+    """`obj.name = value` inside the block, restored after it."""
+    old = getattr(obj, name)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        setattr(obj, name, old)
 
 
 def last_complete_checkpoint(output_dir: str | Path) -> str:
