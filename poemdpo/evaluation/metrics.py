@@ -170,15 +170,21 @@ def score_completions(
             rows = [torch.tensor(encoded[i][0]) for i in batch]
             input_ids = pad(rows, padding_value=pad_id).to(device)
             attention_mask = pad([torch.ones_like(r) for r in rows], padding_value=0).to(device)
-            logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-            # Position t of the shifted tensors holds log p(token t+1 | tokens <= t).
-            token_logps = selective_log_softmax(logits[:, :-1].float(), input_ids[:, 1:]).cpu()
+            # Only the positions from the batch's first completion token on go through the LM head and log-softmax
+            # (`logits_to_keep`, which every transformers causal LM takes): the prompts' logits are never needed.
+            first = max(1, min(encoded[i][1] for i in batch))
+            keep = input_ids.shape[1] - first + 1
+            logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                           logits_to_keep=keep).logits
+            # Position t of the shifted tensors holds log p(token first+t | tokens < first+t).
+            token_logps = selective_log_softmax(logits[:, :-1].float(), input_ids[:, first:]).cpu()
             for row, i in enumerate(batch):
                 ids, completion_start = encoded[i]
                 if completion_start >= len(ids):
                     results[i] = ([], [])
                     continue
-                results[i] = (token_logps[row, completion_start - 1 : len(ids) - 1].tolist(), ids[completion_start:])
+                results[i] = (token_logps[row, completion_start - first : len(ids) - first].tolist(),
+                              ids[completion_start:])
     finally:
         model.train(was_training)
     return results
