@@ -20,17 +20,24 @@ pairs, as train_reward.py measured it. Every stage uses the same train / validat
                                                      # fine-tune with the rhyme slots weighted up, then GRPO
 
 Each stage is the repository's own script, run as a child process exactly as a user would run it, so
-that a stage's memory is freed before the next and its output is what the script prints on its own.
+that a stage's memory is freed before the next and its output is what the script prints on its own. Where the
+platform has one, the children are forks of multiprocessing's fork server, which imported torch, transformers,
+datasets and TRL's trainers once (--fork_stages): a new interpreter spends ~10 s of each stage on them here.
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
+import multiprocessing
+import os
+import runpy
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from multiprocessing import reduction
 from pathlib import Path
 
 from transformers import HfArgumentParser
@@ -152,6 +159,13 @@ class PipelineArguments:
     num_titles: int = field(default=300, metadata={"help": "Random test titles sampled for in evaluation."})
     poems_per_title: int = field(default=4, metadata={"help": "Poems per title in evaluation (K)."})
     seeds: int = field(default=1, metadata={"help": "Sampling seeds in evaluation; counts are pooled."})
+    fork_stages: bool = field(
+        default="forkserver" in multiprocessing.get_all_start_methods(),
+        metadata={"help": "Run each stage's script in a process forked from multiprocessing's fork server, which "
+                  "imports torch, transformers, datasets and TRL's trainers once (each stage still has its own "
+                  "memory, freed when it ends). false: a new Python interpreter per stage, each importing them "
+                  "again (~10 s a stage on a 2-core CPU). Default: true where the platform has a fork server."},
+    )
 
 
 def training_inputs(model: str, dataset: str, rule: str) -> list[str]:
@@ -160,13 +174,68 @@ def training_inputs(model: str, dataset: str, rule: str) -> list[str]:
     return ["--model_name_or_path", model, "--dataset_name", dataset, "--rule", rule]
 
 
+FORK_STAGES = False  # main() sets it from --fork_stages
+# What the stages' scripts import first (torch, transformers, datasets, TRL's trainers), imported once by the fork
+# server that every stage is forked from.
+PRELOAD = ["poemdpo.evaluation.evaluate", "poemdpo.models.base_model", "poemdpo.training.methods",
+           "poemdpo.training.rl", "poemdpo.training.sft"]
+
+
 def run_stage(name: str, command: list[str]) -> float:
     print(f"\n=== {name}: {' '.join(command)}", flush=True)
     start = time.perf_counter()
-    result = subprocess.run([sys.executable, *command], cwd=ROOT)
-    if result.returncode != 0:
-        sys.exit(f"pipeline: the {name} stage failed (exit code {result.returncode}); its output is above")
+    returncode = run_forked(command) if FORK_STAGES else subprocess.run([sys.executable, *command], cwd=ROOT).returncode
+    if returncode != 0:
+        sys.exit(f"pipeline: the {name} stage failed (exit code {returncode}); its output is above")
     return time.perf_counter() - start
+
+
+def run_forked(command: list[str]) -> int:
+    """`python script args...` in ROOT, forked from multiprocessing's fork server, which imported PRELOAD once
+    when the first stage started; the exit code. The server itself never runs torch, so a fork of it may (a fork of a
+    process whose OpenMP threads have run hangs in its first parallel op). As the interpreter would, the child writes
+    to this process's stdout and stderr as they are now, and prints the traceback of an uncaught exception (exit
+    code 1) or the message of `sys.exit("...")` (1)."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(PRELOAD)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    stage = context.Process(target=run_script, args=(str(ROOT), list(command), StdioForChild()), name=command[0])
+    stage.start()
+    try:
+        stage.join()
+    except BaseException:  # as subprocess.run does: a stage outlives no interrupted pipeline
+        stage.kill()
+        stage.join()
+        raise
+    return stage.exitcode
+
+
+class StdioForChild:
+    """File descriptors 1 and 2 of this process, sent with a stage to its fork (`multiprocessing.reduction.DupFd`,
+    while the stage is being started): it arrives as a pair whose `detach()` gives the child its own copies."""
+
+    def __reduce__(self):
+        return tuple, ((reduction.DupFd(1), reduction.DupFd(2)),)
+
+
+def run_script(root: str, command: list[str], stdio: tuple) -> None:
+    """The child's side of `run_forked`: stdout and stderr onto the pipeline's, the script as __main__ from `root`,
+    then the exit handlers it registered (multiprocessing leaves those to the interpreter, which a fork never
+    reaches)."""
+    for fd, handle in zip((1, 2), stdio, strict=True):
+        copy = handle.detach()
+        os.dup2(copy, fd)
+        os.close(copy)
+    os.chdir(root)
+    sys.argv = list(command)
+    sys.path[0] = root
+    try:
+        runpy.run_path(command[0], run_name="__main__")
+    finally:
+        atexit._run_exitfuncs()
+        sys.stdout.flush()
+        sys.stderr.flush()
 
 
 def recipe_of(args: PipelineArguments) -> str:
@@ -238,6 +307,8 @@ def main(argv: list[str] | None = None) -> dict:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     args, overrides = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     args.method = args.method or DEFAULT_METHODS.get(args.rule, DEFAULT_METHOD)
+    global FORK_STAGES
+    FORK_STAGES = args.fork_stages
     rhyme_base = args.method in RHYME_BASE_METHODS
     base_flags = RHYME_BASE_FLAGS if rhyme_base else ()
     args.base_model = args.base_model or (RHYME_BASE if rhyme_base else "data/base_model")

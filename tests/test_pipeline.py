@@ -4,7 +4,10 @@ other road (--method) wired to its script, recipe and evaluation, with the stage
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import yaml
@@ -382,3 +385,44 @@ def test_the_rhyme_road_refuses_a_fine_tune_of_another_base_and_trains_a_named_b
     assert base[base.index("--output_dir") + 1] == "data/my_base" and "--rhyme_group_init" in base
     sft = stages.command("train_sft.py")
     assert sft[sft.index("--model_name_or_path") + 1] == "data/my_base"
+
+
+STAGE_SCRIPT = """import os, sys
+from pathlib import Path
+os.environ["STAGE_TOUCHED"] = "1"  # a fork's own memory: the pipeline never sees it
+Path("ran_here.txt").write_text(" ".join(sys.argv), encoding="utf-8")
+print("stage says", sys.argv[1], flush=True)
+if sys.argv[1] == "raise":
+    raise ValueError("a stage's own error")
+if sys.argv[1] == "message":
+    sys.exit("stopped: a message")
+sys.exit(int(sys.argv[1]))
+"""
+
+
+@pytest.mark.parametrize("arg, code, printed", [
+    ("0", 0, ""), ("3", 3, ""), ("raise", 1, "ValueError: a stage's own error"), ("message", 1, "stopped: a message"),
+])
+def test_a_forked_stage_runs_as_its_own_interpreter_would(tmp_path, monkeypatch, capfd, arg, code, printed):
+    """Exit code, output, working directory and argv as `python stage.py ARG` in ROOT; nothing leaks back."""
+    (tmp_path / "stage.py").write_text(STAGE_SCRIPT, encoding="utf-8")
+    monkeypatch.setattr(pipeline, "ROOT", tmp_path)
+    cwd = pipeline.PROJECT.cwd()
+    assert pipeline.run_forked(["stage.py", arg]) == code
+    forked = capfd.readouterr()
+    assert (tmp_path / "ran_here.txt").read_text(encoding="utf-8") == f"stage.py {arg}"
+    assert pipeline.PROJECT.cwd() == cwd and "STAGE_TOUCHED" not in os.environ
+    (tmp_path / "ran_here.txt").unlink()
+    new_interpreter = subprocess.run([sys.executable, "stage.py", arg], cwd=tmp_path, capture_output=True, text=True)
+    assert new_interpreter.returncode == code and (tmp_path / "ran_here.txt").is_file()
+    assert forked.out == new_interpreter.stdout == f"stage says {arg}\n"
+    assert printed in forked.err and printed in new_interpreter.stderr
+
+
+def test_a_failed_forked_stage_stops_the_pipeline_with_its_exit_code(tmp_path, monkeypatch):
+    (tmp_path / "stage.py").write_text(STAGE_SCRIPT, encoding="utf-8")
+    monkeypatch.setattr(pipeline, "ROOT", tmp_path)
+    monkeypatch.setattr(pipeline, "FORK_STAGES", True)
+    assert pipeline.run_stage("ok", ["stage.py", "0"]) > 0
+    with pytest.raises(SystemExit, match=r"the bad stage failed \(exit code 3\)"):
+        pipeline.run_stage("bad", ["stage.py", "3"])
