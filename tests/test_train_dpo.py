@@ -496,3 +496,17 @@ def test_held_out_reference_log_probs_are_computed_once_with_trls_metrics(tmp_pa
         for key, value in stock.items():
             if "runtime" not in key and "per_second" not in key:
                 assert metrics[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+
+
+def test_batch_digest_tells_batches_apart_by_any_tensor_value():
+    from poemdpo.training.samples import batch_digest
+
+    batch = {"input_ids": torch.arange(12).reshape(2, 6), "completion_mask": torch.ones(2, 6, dtype=torch.long),
+             "pixel_values": torch.ones(2, 3, dtype=torch.bfloat16), "scale": torch.tensor(0.5), "name": "kept out"}
+    same = {key: value.clone() if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
+    assert batch_digest(batch) == batch_digest(same) and len(batch_digest(batch)) == 16
+    for key in ("input_ids", "completion_mask", "pixel_values", "scale"):
+        changed = dict(batch, **{key: batch[key].clone()})
+        changed[key].view(-1)[-1] += 1
+        assert batch_digest(changed) != batch_digest(batch), key
+    assert batch_digest(dict(batch, input_ids=batch["input_ids"].reshape(3, 4))) != batch_digest(batch)
