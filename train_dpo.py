@@ -53,7 +53,7 @@ from poemdpo.training.methods import (
     write_card,
 )
 from poemdpo.training.recipe import argument_keys, parse_recipe, read_recipe, with_default_recipe
-from poemdpo.training.samples import SamplePoemsCallback
+from poemdpo.training.samples import SamplePoemsCallback, final_metrics
 from poemdpo.training.speed import use_compact_lm_head, with_lengths
 
 
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> Trainer:
     )
     trainer.add_callback(samples)
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)  # parse_resume'd in check_settings
-    metrics = trainer.final_metrics()  # the Trainer's evaluation at the last step, if it ran one
+    metrics = final_metrics(trainer)  # the Trainer's evaluation at the last step, if it ran one
 
     # 6. Save model + tokenizer + card; push if asked.
     trainer.save_model(args.output_dir)

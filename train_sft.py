@@ -29,6 +29,7 @@ from poemdpo.training.dpo import (
 )
 from poemdpo.training.hub import check_hub_access, push_final_model
 from poemdpo.training.recipe import parse_recipe, with_default_recipe
+from poemdpo.training.samples import final_metrics
 from poemdpo.training.sft import (
     SFTScriptArguments,
     WeightedSFTTrainer,
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> WeightedSFTTrainer:
     trainer = WeightedSFTTrainer(model=model, args=args, train_dataset=train, eval_dataset=test,
                                  processing_class=tokenizer, peft_config=get_peft_config(model_args))
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
-    metrics = {**last_metrics(trainer.state.log_history), **(trainer.evaluate() if test is not None else {})}
+    metrics = {**last_metrics(trainer.state.log_history), **final_metrics(trainer)}
 
     # 5. Save model + tokenizer + card + run record; push if asked.
     trainer.save_model(args.output_dir)

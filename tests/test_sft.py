@@ -168,7 +168,7 @@ def test_train_sft_trains_and_saves_a_loadable_model(base_dir, pairs_dir, tmp_pa
     ])
     logs = [e for e in trainer.state.log_history if "loss" in e]
     assert len(logs) == 4 and all("nll_weighted_up" in e and "nll_other" in e for e in logs)
-    assert any("eval_loss" in e for e in trainer.state.log_history)
+    assert [e["step"] for e in trainer.state.log_history if "eval_loss" in e] == [2, 4]  # the last step once
     start = AutoModelForCausalLM.from_pretrained(base_dir).state_dict()
     loaded = AutoModelForCausalLM.from_pretrained(out).state_dict()
     assert any(not torch.equal(loaded[k], start[k]) for k in start)

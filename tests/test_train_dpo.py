@@ -476,10 +476,12 @@ def test_held_out_reference_log_probs_are_computed_once_with_trls_metrics(tmp_pa
     """The frozen reference scores each held-out batch once; every evaluation's metrics stay TRL's own."""
     from trl import DPOTrainer
 
+    from poemdpo.training.samples import final_metrics
+
     model_dir = tiny_model_dir(tmp_path / "base", "llama", pairs_dir)
     trainer, _ = run(tmp_path, model_dir, pairs_dir, "--max_steps", "2", "--per_device_eval_batch_size", "1",
                      "--sample_titles", "0", "--save_strategy", "no")
-    assert trainer.final_metrics() == {k: v for k, v in trainer.state.log_history[-2].items() if k != "step"}
+    assert final_metrics(trainer) == {k: v for k, v in trainer.state.log_history[-2].items() if k != "step"}
     calls = []
     forward = trainer.ref_model.forward
     monkeypatch.setattr(trainer.ref_model, "forward", lambda *a, **k: calls.append(1) or forward(*a, **k))

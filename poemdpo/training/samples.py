@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 from accelerate.utils import is_peft_model
-from transformers import TrainerCallback
+from transformers import Trainer, TrainerCallback
 from trl import DPOTrainer
 from trl.models import unwrap_model_for_generation
 from trl.trainer.utils import use_adapter
@@ -38,9 +38,7 @@ class PoemTrainerMixin:
     - a launch that does not run as launched stops (`check_engine`);
     - the final save is one whole model, and never pushes (`save_model`);
     - `resume_from_checkpoint=True` takes the last checkpoint that was finished (`last_complete_checkpoint`);
-    - held-out pairs are evaluated in order of length (`_get_eval_sampler`);
-    - the metrics after training are the Trainer's own last evaluation when it ran one at the last step
-      (`final_metrics`), not a second pass over the same pairs with the same weights.
+    - held-out pairs are evaluated in order of length (`_get_eval_sampler`).
     """
 
     def __init__(self, *args, **kwargs):
@@ -79,16 +77,6 @@ class PoemTrainerMixin:
             resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
-    def final_metrics(self) -> dict:
-        """Held-out metrics of the trained weights ({} without held-out pairs): the evaluation the Trainer ran at the
-        last step (eval_steps dividing the run, or eval_strategy epoch), else a new one."""
-        if self.eval_dataset is None:
-            return {}
-        last = next((entry for entry in reversed(self.state.log_history) if "eval_loss" in entry), None)
-        if last is not None and last.get("step") == self.state.global_step:
-            return {key: value for key, value in last.items() if key != "step"}
-        return self.evaluate()
-
 
 class PoemDPOTrainer(PoemTrainerMixin, DPOTrainer):
     """TRL's DPOTrainer with PoemTrainerMixin's changes, and the reference's log-probs of each held-out batch
@@ -120,6 +108,17 @@ class PoemDPOTrainer(PoemTrainerMixin, DPOTrainer):
         inputs = {**inputs, "ref_chosen_logps": ref_chosen, "ref_rejected_logps": ref_rejected}
         with setting(self, "precompute_ref_logps", True):
             return super()._compute_loss(model, inputs, return_outputs)
+
+
+def final_metrics(trainer: Trainer) -> dict:
+    """Held-out metrics of a trained Trainer's weights ({} without held-out data): the evaluation it ran at the last
+    step (eval_steps dividing the run, or eval_strategy epoch), else a new one -- never the same weights twice."""
+    if trainer.eval_dataset is None:
+        return {}
+    last = next((entry for entry in reversed(trainer.state.log_history) if "eval_loss" in entry), None)
+    if last is not None and last.get("step") == trainer.state.global_step:
+        return {key: value for key, value in last.items() if key != "step"}
+    return trainer.evaluate()
 
 
 def batch_digest(inputs: dict) -> bytes:
