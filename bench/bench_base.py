@@ -2,7 +2,8 @@
 
 (a) speed: tokens/s of a plain PyTorch loop (transformers' own loss) and of our trainer (the recipe's, e.g. its
     chunked loss) on the same initial weights and the same batches (the trainer's own dataloader), side by side,
-    alternating, and their ratio; each with its GFLOP/s and share of the fp32 matmul bound measured in the run;
+    alternating, and their ratio; each with its GFLOP/s and share of the matmul bound measured in the run, in the
+    precision it trains in (bf16 where the CPU has bf16 units and the recipe asks for it, else fp32);
 (b) --full_epoch: train the whole recipe (writes --output_dir, default data/base_model) and time it;
 (c) quality of the model in --model_dir (default: the output dir): poems sampled at temperature 1.0 for
     held-out titles, their well-formed / 五言 / 七言 rates, and the held-out loss per character.
@@ -170,7 +171,8 @@ def speed(args: BaseModelArguments, training_args: TrainingArguments, bench: Ben
     from bench_sampling import matmul_gflops
 
     fall_back_to_fp32(training_args)  # time what train_base.py would train with on this CPU
-    bound = matmul_gflops()
+    precision = "bf16" if training_args.bf16 else "fp32"  # the bound of the precision the matmuls run in
+    bound = matmul_gflops(dtype=torch.bfloat16 if training_args.bf16 else torch.float32)
     texts = load_training_texts(args)
     n = bench.warmup + bench.steps
     name = "SFTTrainer" if bench.sft_trainer else "Trainer"
@@ -214,8 +216,8 @@ def speed(args: BaseModelArguments, training_args: TrainingArguments, bench: Ben
                 f"ratio {ours / plain:.2f}",
                 flush=True,
             )
-    print(f"median ratio {name}/plain over {len(ratios)} rounds: {statistics.median(ratios):.2f}; fp32 matmul bound "
-          f"measured at the start {bound:.0f} GFLOP/s (a 2048² matmul)")
+    print(f"median ratio {name}/plain over {len(ratios)} rounds: {statistics.median(ratios):.2f}; {precision} matmul "
+          f"bound measured at the start {bound:.0f} GFLOP/s (a 2048² matmul)")
 
 
 def full_epoch(args: BaseModelArguments, training_args: TrainingArguments) -> None:

@@ -68,8 +68,8 @@ def all_pinned(model, temperature: float = 1.0, top_k: int = 0, top_p: float = 1
     return {**generation.PLAIN_SAMPLING, "temperature": temperature, "top_k": top_k, "top_p": top_p}
 
 
-def matmul_gflops(n: int = 2048, repeats: int = 10) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_gflops(n: int = 2048, repeats: int = 10, dtype: torch.dtype = torch.float32) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b  # warm-up
     start = time.perf_counter()
     for _ in range(repeats):

@@ -5,7 +5,8 @@ profiled. Prints figures only (docs/throughput.md, issue 16).
     flock /tmp/poemdpo-heavy.lock python bench/profile_base.py --mode compile   # the same under torch.compile
     flock /tmp/poemdpo-heavy.lock python bench/profile_base.py --mode profile   # torch.profiler table of 5 steps
 
-fp32, 2 threads, the first --poems training poems, batches of --batch_size bfd blocks as train_base.py packs them.
+fp32, --threads torch threads (default 2), the first --poems training poems, batches of --batch_size bfd blocks as
+train_base.py packs them.
 """
 
 from __future__ import annotations
@@ -31,8 +32,9 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=8, help="blocks per step (the recipe's)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (compiling, allocations)")
     parser.add_argument("--steps", type=int, default=30, help="timed steps (profile: 5)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
 
     model_args = BaseModelArguments(max_poems=args.poems)
     training_args = TrainingArguments(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.batch_size,

@@ -46,10 +46,8 @@ from poemdpo.data.corpus import DEFAULT_CORPUS
 from poemdpo.data.pairs import DEFAULT_NEAR_MISS_SHARE, DEFAULT_PAIRING, STRATEGIES
 from poemdpo.data.rules import RULES
 from poemdpo.data.splits import DEFAULT_SPLIT_SEED, DEFAULT_TEST_SIZE, DEFAULT_VALIDATION_SIZE, split_flags
-from poemdpo.evaluation.evaluate import headline
 from poemdpo.run_info import read_run_info
 from poemdpo.training.recipe import read_recipe
-from poemdpo.training.sft import RECORDED_SETTINGS as SLOT_SFT_SETTINGS
 
 PROJECT = Path(__file__).resolve().parent.parent  # the scripts and recipes
 ROOT = PROJECT  # where the stages run and relative paths resolve (the tests point it elsewhere)
@@ -181,6 +179,14 @@ PRELOAD = ["poemdpo.evaluation.evaluate", "poemdpo.models.base_model", "poemdpo.
            "poemdpo.training.rl", "poemdpo.training.sft"]
 
 
+def headline(report: dict) -> str:
+    """evaluate.py's own headline. Imported when it is printed, not at start: the evaluation module brings torch and
+    TRL (~0.5 GB, seconds), which the pipeline's own process otherwise never needs; the stages' fork server has them."""
+    from poemdpo.evaluation.evaluate import headline as evaluation_headline
+
+    return evaluation_headline(report)
+
+
 def run_stage(name: str, command: list[str]) -> float:
     print(f"\n=== {name}: {' '.join(command)}", flush=True)
     start = time.perf_counter()
@@ -279,8 +285,10 @@ def check_slot_sft(base_model: str) -> None:
     if info.get("base_model") != base_model:
         sys.exit(f"pipeline: {SLOT_SFT_DIR} was fine-tuned from {info.get('base_model')!r}, not from the base model "
                  f"{base_model!r}; delete it to fine-tune again, or pass --base_model {info.get('base_model')}")
+    from poemdpo.training.sft import RECORDED_SETTINGS  # only here: the module imports torch and TRL
+
     recipe = read_recipe(["--config", str(PROJECT / METHODS["slot_sft"][1])])
-    for key in SLOT_SFT_SETTINGS:
+    for key in RECORDED_SETTINGS:
         if key in recipe and info.get(key) != recipe[key]:
             sys.exit(f"pipeline: {SLOT_SFT_DIR} was fine-tuned with {key} {info.get(key)}, not the recipe's "
                      f"{recipe[key]} ({METHODS['slot_sft'][1]}); delete it to fine-tune again")

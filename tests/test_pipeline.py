@@ -15,6 +15,7 @@ from datasets import load_dataset
 from test_train_dpo import tiny_model_dir
 
 from poemdpo import pipeline
+from poemdpo.training.sft import RECORDED_SETTINGS
 
 SPLITS = ["--validation_size", "0.2", "--test_size", "0.2"]
 
@@ -305,11 +306,24 @@ def test_help_lists_every_method(capsys):
         assert (pipeline.ROOT / script).is_file() and (pipeline.ROOT / recipe).is_file()
 
 
+def test_the_pipeline_process_itself_leaves_torch_to_the_stages():
+    # A new interpreter, as `python -m poemdpo.pipeline` starts: its own imports (and --help) bring no torch and no
+    # trainer module, which the stages' fork server imports once.
+    code = ("import sys, contextlib, io\nfrom poemdpo import pipeline\n"
+            "with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n"
+            "    pipeline.main(['--help'])\n"
+            "heavy = ('torch', 'poemdpo.evaluation.evaluate', 'poemdpo.training.sft')\n"
+            "print(sorted(m for m in heavy if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=pipeline.PROJECT, capture_output=True, text=True,
+                          check=True)
+    assert done.stdout.strip() == "[]", done.stderr[-2000:]
+
+
 def slot_sft_settings() -> dict:
     """What train_sft.py records of the fine-tune recipe's settings the pipeline checks before reusing one."""
     with open(pipeline.PROJECT / pipeline.METHODS["slot_sft"][1], encoding="utf-8") as f:
         recipe = yaml.safe_load(f)
-    return {key: recipe[key] for key in pipeline.SLOT_SFT_SETTINGS}
+    return {key: recipe[key] for key in RECORDED_SETTINGS}
 
 
 def test_a_rhyme_rule_takes_the_rhyme_road_base_with_groups_slot_fine_tune_then_grpo(stages, tmp_path):
