@@ -171,8 +171,9 @@ def speed(args: BaseModelArguments, training_args: TrainingArguments, bench: Ben
     from bench_sampling import matmul_gflops
 
     fall_back_to_fp32(training_args)  # time what train_base.py would train with on this CPU
-    precision = "bf16" if training_args.bf16 else "fp32"  # the bound of the precision the matmuls run in
-    bound = matmul_gflops(dtype=torch.bfloat16 if training_args.bf16 else torch.float32)
+    # the bound of the precision the matmuls run in
+    precision, dtype = ("bf16", torch.bfloat16) if training_args.bf16 else ("fp32", torch.float32)
+    bound = matmul_gflops(dtype=dtype)
     texts = load_training_texts(args)
     n = bench.warmup + bench.steps
     name = "SFTTrainer" if bench.sft_trainer else "Trainer"
