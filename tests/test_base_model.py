@@ -160,6 +160,28 @@ def test_bfd_blocks_keep_each_poem_to_itself():
     assert (batch["labels"][batch["input_ids"] == tokenizer.pad_token_id] == -100).all()
 
 
+def test_a_fixed_batch_width_only_adds_padding():
+    """train_base --torch_compile pads every batch to one width (one compiled shape): the poems' logits and labels
+    are those of the unpadded batch, the added columns are padding nobody learns from."""
+    texts = [build_prompt(f"題{i}") + "山水風月，雲花春秋。" * (i % 3 + 1) for i in range(12)]
+    tokenizer = train_char_tokenizer(texts, min_frequency=1)
+    blocks = packed_dataset(texts, tokenizer, max_length=64, strategy="bfd", seed=0)
+    examples = [blocks[i] for i in range(len(blocks))]
+    plain = PackedPoemsCollator(tokenizer.pad_token_id)(examples)
+    fixed = PackedPoemsCollator(tokenizer.pad_token_id, width=96)(examples)
+    width = plain["input_ids"].shape[1]
+    assert width <= 64 and fixed["input_ids"].shape == (len(examples), 96)
+    assert (fixed["input_ids"][:, width:] == tokenizer.pad_token_id).all()
+    assert (fixed["labels"][:, width:] == -100).all()
+    for key in ("input_ids", "labels", "position_ids"):
+        assert torch.equal(fixed[key][:, :width], plain[key])
+    model = build_model(BaseModelArguments(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=4), tokenizer).eval()
+    with torch.no_grad():
+        logits = [model(**{k: v for k, v in b.items() if k != "labels"}).logits for b in (plain, fixed)]
+    torch.testing.assert_close(logits[1][:, :width], logits[0], atol=1e-5, rtol=1e-4)
+
+
 def test_bfd_drops_or_truncates_poems_longer_than_a_block():
     texts = [build_prompt(f"題{i}") + "山水風月，雲花春秋。" * (1 + 5 * (i % 2)) for i in range(10)]
     tokenizer = train_char_tokenizer(texts, min_frequency=1)

@@ -255,10 +255,13 @@ class PackedPoemsCollator(DataCollatorForLanguageModeling):
     Position ids restart at each poem and no attention mask is passed: transformers then finds the poems from the
     position ids (masking_utils.find_packed_sequence_indices) and masks attention block-diagonally, on any attention
     implementation. It skips that detection when the model builds a KV cache, hence `use_cache=False`.
+
+    `width` pads every batch to that many tokens (a block is at most max_length, some batches are a token short):
+    one shape for torch.compile, which otherwise recompiles for the short batch with slower dynamic shapes.
     """
 
-    def __init__(self, pad_token_id: int) -> None:
-        super().__init__(pad_token_id=pad_token_id, return_position_ids=True)
+    def __init__(self, pad_token_id: int, width: int | None = None) -> None:
+        super().__init__(pad_token_id=pad_token_id, return_position_ids=True, pad_to_multiple_of=width)
 
     def torch_call(self, examples: list[dict]) -> dict:
         batch = super().torch_call(examples)
@@ -288,7 +291,7 @@ def make_trainer(
     if args.chunked_loss:
         use_chunked_lm_loss(model)
     if args.packing_strategy == "bfd":
-        collator = PackedPoemsCollator(tokenizer.pad_token_id)
+        collator = PackedPoemsCollator(tokenizer.pad_token_id, args.max_length if training_args.torch_compile else None)
     else:
         # Pads the short last block and sets labels = input_ids, -100 on padding.
         collator = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id)
