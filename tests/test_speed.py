@@ -165,6 +165,35 @@ def test_chunked_loss_gives_transformers_loss_and_gradients(tokenizer, num_items
     torch.testing.assert_close(ours(input_ids=batch["input_ids"]).logits, theirs(input_ids=batch["input_ids"]).logits)
 
 
+def test_chunked_loss_under_bf16_autocast_is_as_close_to_fp32_as_transformers_own(tokenizer):
+    """train_base.py trains under bf16 autocast where the CPU has bf16 units. The chunked head's matmuls then run in
+    bf16 like the plain head's: its loss and gradients stay within bf16 rounding of the exact fp32 ones, no farther
+    than transformers' own loss under the same autocast."""
+    exact = tiny_model(tokenizer)
+    theirs, ours = copy.deepcopy(exact), copy.deepcopy(exact)
+    assert use_chunked_lm_loss(ours, chunk=7)
+    batch = packed_batch(tokenizer)
+    exact_loss = exact(**batch).loss
+    exact_loss.backward()
+    losses = {}
+    for name, model in (("theirs", theirs), ("ours", ours)):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            losses[name] = model(**batch).loss
+        losses[name].backward()
+    exact_grads = dict(exact.named_parameters())
+
+    def gradient_errors(model: torch.nn.Module) -> dict[str, float]:
+        return {n: ((p.grad - exact_grads[n].grad).norm() / exact_grads[n].grad.norm()).item()
+                for n, p in model.named_parameters()}
+
+    assert losses["ours"].dtype == torch.float32
+    assert abs(losses["ours"] - exact_loss) <= 2 * abs(losses["theirs"] - exact_loss) + 1e-5
+    ours_errors, their_errors = gradient_errors(ours), gradient_errors(theirs)
+    for name, error in ours_errors.items():  # the tied embedding / LM head included
+        assert error < 0.03, name  # bf16 keeps 8 bits of mantissa: ~0.4% per rounding
+        assert error <= 2 * their_errors[name] + 1e-3, name
+
+
 def test_chunked_loss_trains_as_transformers_loss(tmp_path):
     """Three Trainer steps of train_base.py's trainer, the same batches, with and without the chunked loss."""
     from conftest import make_corpus_poems

@@ -139,21 +139,25 @@ class ChunkedCrossEntropy(torch.autograd.Function):
                 chunk: int) -> torch.Tensor:
         grad_hidden, grad_weight = torch.zeros_like(hidden), torch.zeros_like(weight)
         total = hidden.new_zeros((), dtype=torch.float32)
+        # Under autocast the head's three matmuls run in its dtype, as the plain head's forward and backward would.
+        device = hidden.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
         for start in range(0, hidden.shape[0], chunk):
             rows, labels = hidden[start:start + chunk], targets[start:start + chunk]
             labelled = labels != -100
             labels = labels.clamp(min=0)
-            logits = (rows @ weight.T).float()
-            log_normalizer = torch.logsumexp(logits, dim=-1)
-            picked = logits.gather(-1, labels[:, None]).squeeze(-1)
-            total += ((log_normalizer - picked) * labelled).sum()
-            # the logits become d loss / d logits, in place
-            logits.sub_(log_normalizer[:, None]).exp_()
-            logits.scatter_add_(-1, labels[:, None], -torch.ones_like(picked)[:, None])
-            logits.mul_((labelled / divisor)[:, None])
-            grad = logits.to(rows.dtype)
+            log_probs = torch.log_softmax((rows @ weight.T).float(), dim=-1)
+            picked = log_probs.gather(-1, labels[:, None]).squeeze(-1)
+            total -= (picked * labelled).sum()
+            # the log-probs become d loss / d logits, in place
+            log_probs.exp_().scatter_add_(-1, labels[:, None], -torch.ones_like(picked)[:, None])
+            log_probs.mul_((labelled / divisor)[:, None])
+            grad = log_probs.to(dtype)
             grad_hidden[start:start + chunk] = grad @ weight
-            grad_weight.addmm_(grad.T, rows)
+            if dtype == weight.dtype:
+                grad_weight.addmm_(grad.T, rows)
+            else:  # the product in the autocast dtype, as the plain head's weight gradient; the sum in fp32
+                grad_weight += grad.T @ rows.to(dtype)
         ctx.save_for_backward(grad_hidden, grad_weight)
         return total / divisor
 
