@@ -187,7 +187,7 @@ def test_chunked_loss_under_bf16_autocast_is_as_close_to_fp32_as_transformers_ow
                 for n, p in model.named_parameters()}
 
     assert losses["ours"].dtype == torch.float32
-    assert abs(losses["ours"] - exact_loss) <= 2 * abs(losses["theirs"] - exact_loss) + 1e-5
+    assert abs(losses["ours"] - exact_loss) <= 2 * abs(losses["theirs"] - exact_loss) + 1e-4
     ours_errors, their_errors = gradient_errors(ours), gradient_errors(theirs)
     for name, error in ours_errors.items():  # the tied embedding / LM head included
         assert error < 0.03, name  # bf16 keeps 8 bits of mantissa: ~0.4% per rounding
