@@ -146,13 +146,15 @@ class ChunkedCrossEntropy(torch.autograd.Function):
             rows, labels = hidden[start:start + chunk], targets[start:start + chunk]
             labelled = labels != -100
             labels = labels.clamp(min=0)
-            log_probs = torch.log_softmax((rows @ weight.T).float(), dim=-1)
-            picked = log_probs.gather(-1, labels[:, None]).squeeze(-1)
-            total -= (picked * labelled).sum()
-            # the log-probs become d loss / d logits, in place
-            log_probs.exp_().scatter_add_(-1, labels[:, None], -torch.ones_like(picked)[:, None])
-            log_probs.mul_((labelled / divisor)[:, None])
-            grad = log_probs.to(dtype)
+            logits = (rows @ weight.T).float()
+            log_normalizer = torch.logsumexp(logits, dim=-1)
+            picked = logits.gather(-1, labels[:, None]).squeeze(-1)
+            total += ((log_normalizer - picked) * labelled).sum()
+            # the logits become d loss / d logits, in place (no second [chunk, vocab] buffer)
+            logits.sub_(log_normalizer[:, None]).exp_()
+            logits.scatter_add_(-1, labels[:, None], -torch.ones_like(picked)[:, None])
+            logits.mul_((labelled / divisor)[:, None])
+            grad = logits.to(dtype)
             grad_hidden[start:start + chunk] = grad @ weight
             if dtype == weight.dtype:
                 grad_weight.addmm_(grad.T, rows)
