@@ -203,6 +203,8 @@ def use_chunked_lm_loss(model: torch.nn.Module, chunk: int = LOSS_CHUNK) -> bool
         kwargs.pop("logits_to_keep", None)
         hidden = self.base_model(*args, **kwargs).last_hidden_state
         hidden, targets = hidden[:, :-1].reshape(-1, hidden.shape[-1]), labels[:, 1:].reshape(-1)
+        labelled = targets != -100  # padding and unlearned positions skip the head: their loss and gradient are 0
+        hidden, targets = hidden[labelled], targets[labelled]
         loss = chunked_lm_loss(hidden, self.get_output_embeddings().weight, targets, num_items_in_batch, chunk)
         return CausalLMOutputWithPast(loss=loss)
 
