@@ -102,8 +102,9 @@ def _digest(batch: dict) -> str:
     return hashlib.sha1(batch["input_ids"].numpy().tobytes()).hexdigest()[:12]
 
 
-def _tokens(batch: dict) -> int:
-    return int((batch["labels"] != -100).sum())
+def _tokens(batch: dict, pad_token_id: int) -> int:
+    """Tokens the model reads, padding aside (labels skip each poem's first token, and prompts under prompt_loss)."""
+    return int((batch["input_ids"] != pad_token_id).sum())
 
 
 def plain_loop(model, batches: list[dict], trainer: Trainer, warmup: int) -> float:
@@ -133,7 +134,7 @@ def plain_loop(model, batches: list[dict], trainer: Trainer, warmup: int) -> flo
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if i >= warmup:
-            tokens += _tokens(batch)
+            tokens += _tokens(batch, trainer.processing_class.pad_token_id)
     return tokens / (time.perf_counter() - start)
 
 
@@ -207,7 +208,8 @@ def speed(args: BaseModelArguments, training_args: TrainingArguments, bench: Ben
             trainer.add_callback(clock)
             trainer.train()
             timed = recorder.batches[bench.warmup : n]
-            ours = sum(map(_tokens, timed)) / (clock.times[n - 1] - clock.times[bench.warmup - 1])
+            pad = trainer.processing_class.pad_token_id
+            ours = sum(_tokens(b, pad) for b in timed) / (clock.times[n - 1] - clock.times[bench.warmup - 1])
             same = list(map(_digest, recorder.batches[:n])) == list(map(_digest, batches))
             ratios.append(ours / plain)
             flops = 6 * matmul_weights(model)

@@ -76,10 +76,10 @@ def main() -> None:
     for batch in timed:
         step(batch)
     seconds = time.perf_counter() - start
-    tokens = sum(int((b["labels"] != -100).sum()) for b in timed)
+    tokens = sum(int((b["input_ids"] != trainer.processing_class.pad_token_id).sum()) for b in timed)
     precision = "bf16" if args.bf16 else "fp32"
     print(f"{args.mode} {precision} {args.attn}: {len(timed) / seconds:.2f} steps/s, "
-          f"{tokens / seconds:,.0f} labelled tokens/s")
+          f"{tokens / seconds:,.0f} tokens/s (padding aside)")
 
 
 if __name__ == "__main__":
