@@ -15,6 +15,7 @@ import train_base
 from poemdpo.data.forms import is_well_formed
 from poemdpo.data.prompts import build_prompt
 from poemdpo.data.splits import SplitSpec, split_of
+from poemdpo.errors import PoemDPOError
 from poemdpo.models import base_model
 from poemdpo.models.base_model import (
     BaseModelArguments,
@@ -180,6 +181,42 @@ def test_a_fixed_batch_width_only_adds_padding():
     with torch.no_grad():
         logits = [model(**{k: v for k, v in b.items() if k != "labels"}).logits for b in (plain, fixed)]
     torch.testing.assert_close(logits[1][:, :width], logits[0], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("prompt_loss", ["all", "text", "none"])
+def test_prompt_loss_chooses_what_of_the_prompt_is_learned_and_every_poem_is(prompt_loss):
+    titles = [f"題{i}" for i in range(12)]
+    poems = ["山水風月，雲花春秋。" * (i % 3 + 1) for i in range(12)]
+    texts = [build_prompt(t) + p for t, p in zip(titles, poems, strict=True)]
+    tokenizer = train_char_tokenizer(texts, min_frequency=1)
+    markers = torch.tensor(tokenizer.convert_tokens_to_ids(["<INS>", "<INP>", "<RES>"]))
+    blocks = packed_dataset(texts, tokenizer, 64, "bfd", seed=0, prompt_loss=prompt_loss)
+    batch = PackedPoemsCollator(tokenizer.pad_token_id)([blocks[i] for i in range(len(blocks))])
+    learned_poems, learned_prompts = [], []
+    for row, lengths in enumerate(blocks["seq_lengths"]):
+        start = 0
+        for length in lengths:
+            ids = batch["input_ids"][row, start : start + length]
+            labels = batch["labels"][row, start : start + length]
+            poem = int((ids == markers[-1]).nonzero()[0]) + 1
+            assert (labels[poem:] == ids[poem:]).all() and labels[-1] == tokenizer.eos_token_id
+            assert labels[0] == -100  # never predicted from the previous poem in the block
+            learned_poems.append(tokenizer.decode(labels[poem:-1]).replace(" ", ""))
+            learned_prompts.append(labels[1:poem][labels[1:poem] != -100])
+            unlearned = ids[1:poem][labels[1:poem] == -100]
+            assert prompt_loss == "none" or set(unlearned.tolist()) <= set(markers.tolist())
+            start += length
+    assert sorted(learned_poems) == sorted(poems)
+    prompt_tokens = [len(tokenizer(build_prompt(t))["input_ids"]) - 1 for t in titles]  # all but the first
+    assert sum(map(len, learned_prompts)) == {"all": sum(prompt_tokens), "text": sum(prompt_tokens) - 2 * 12,
+                                              "none": 0}[prompt_loss]
+    assert any(torch.isin(p, markers).any() for p in learned_prompts) == (prompt_loss == "all")
+
+
+def test_prompt_loss_needs_the_response_marker():
+    tokenizer = train_char_tokenizer([build_prompt("題") + "山水風月，雲花春秋。"], min_frequency=1)
+    with pytest.raises(PoemDPOError, match="<RES>"):
+        packed_dataset(["山水風月，雲花春秋。"], tokenizer, max_length=64, strategy="bfd", seed=0, prompt_loss="text")
 
 
 def test_bfd_drops_or_truncates_poems_longer_than_a_block():

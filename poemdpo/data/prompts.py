@@ -6,6 +6,7 @@ import re
 
 INSTRUCTION = "請用以下題目寫一首詩"
 SPECIAL_TOKENS = ("<INS>", "<INP>", "<RES>")
+RESPONSE_MARKER = "<RES>"  # the prompt's last token: the poem follows
 PROMPT_TEMPLATE = "<INS>" + INSTRUCTION + "<INP>{title}<RES>"
 
 

@@ -38,7 +38,7 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 from poemdpo.data import prosody
 from poemdpo.data.corpus import DEFAULT_CORPUS, Poem, read_corpus
 from poemdpo.data.forms import is_well_formed
-from poemdpo.data.prompts import build_prompt
+from poemdpo.data.prompts import RESPONSE_MARKER, SPECIAL_TOKENS, build_prompt
 from poemdpo.data.splits import (
     DEFAULT_SPLIT_SEED,
     DEFAULT_TEST_SIZE,
@@ -107,6 +107,15 @@ class BaseModelArguments:
             "leave it out. truncate: keep its first max_length tokens, which end without eos and teach the model "
             "that a poem may run on past where it should stop.",
             "choices": ["drop", "truncate"],
+        },
+    )
+    prompt_loss: str = field(
+        default="all",
+        metadata={
+            "help": "What of each prompt the model learns to write (it reads all of it). all: every token. text: the "
+            "instruction and the title, not the <INS>/<INP>/<RES> markers, which a poem should never contain. "
+            "none: only the poem and its eos, as TRL's SFT on prompt-completion data (completion_only_loss).",
+            "choices": ["all", "text", "none"],
         },
     )
     hidden_size: int = field(default=128, metadata={"help": "Width of the model."})
@@ -225,10 +234,13 @@ def packed_dataset(
     strategy: str,
     seed: int,
     overlong: str = "drop",
+    prompt_loss: str = "all",
 ) -> Dataset:
     """`text + eos` for each text, tokenized, shuffled, and packed into blocks of `max_length` tokens.
 
     With bfd, `overlong="drop"` leaves out the examples longer than a block instead of truncating them.
+    `prompt_loss` other than "all" adds a `labels` column, -100 where the model is not to learn (see
+    BaseModelArguments.prompt_loss); the collators take it instead of `input_ids`.
     """
     # eos ends every example, so the model learns where a poem stops.
     dataset = Dataset.from_dict({"text": [t + tokenizer.eos_token for t in texts]}).shuffle(seed=seed)
@@ -239,6 +251,11 @@ def packed_dataset(
         remove_columns=["text"],
         desc="tokenizing",
     )
+    if prompt_loss != "all":
+        markers = set(tokenizer.convert_tokens_to_ids(list(SPECIAL_TOKENS)))
+        response = tokenizer.convert_tokens_to_ids(RESPONSE_MARKER)
+        dataset = dataset.map(_prompt_labels, desc="labels",
+                              fn_kwargs={"markers": markers, "response": response, "whole": prompt_loss == "none"})
     if strategy == "bfd" and overlong == "drop":
         before = len(dataset)
         dataset = dataset.filter(
@@ -247,6 +264,17 @@ def packed_dataset(
         logger.info("dropped %d of %d poems longer than %d tokens", before - len(dataset), before, max_length)
     # One map batch, so wrapped packing leaves a single short block at the end instead of one per batch.
     return pack_dataset(dataset, max_length, strategy=strategy, map_kwargs={"batch_size": len(dataset)})
+
+
+def _prompt_labels(example: dict, markers: set[int], response: int, whole: bool) -> dict:
+    """`input_ids` as labels, -100 on the prompt's markers, or on the whole prompt up to its response marker."""
+    ids = example["input_ids"]
+    if response not in ids:
+        raise PoemDPOError(f"prompt_loss: a training text has no {RESPONSE_MARKER} marker: {ids[:20]}...")
+    if whole:
+        start = ids.index(response) + 1
+        return {"labels": [-100] * start + ids[start:]}
+    return {"labels": [-100 if i in markers else i for i in ids]}
 
 
 class PackedPoemsCollator(DataCollatorForLanguageModeling):
@@ -282,7 +310,8 @@ def make_trainer(
     if tokenizer is None:
         tokenizer = train_char_tokenizer(texts, args.min_frequency, model_max_length=args.max_length)
     dataset = packed_dataset(
-        texts, tokenizer, args.max_length, args.packing_strategy, training_args.seed, args.overlong
+        texts, tokenizer, args.max_length, args.packing_strategy, training_args.seed, args.overlong,
+        args.prompt_loss,
     )
     # The Trainer seeds torch only once it is built, after the model: seed the initial weights here, or every run of
     # one --seed starts from other weights.
@@ -357,6 +386,6 @@ def train_base(args: BaseModelArguments, training_args: TrainingArguments) -> Tr
     if trainer.is_world_process_zero():
         write_run_info(training_args.output_dir, {
             "stage": "base_model", "corpus": args.corpus, "poems": args.poems, "splits": splits_of(args).to_dict(),
-            "training_poems": len(texts), "max_length": args.max_length,
+            "training_poems": len(texts), "max_length": args.max_length, "prompt_loss": args.prompt_loss,
         })
     return trainer
