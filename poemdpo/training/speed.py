@@ -127,11 +127,11 @@ LOSS_CHUNK = 512  # positions per chunk: 1.6x faster than 128 or the whole batch
 
 
 class ChunkedCrossEntropy(torch.autograd.Function):
-    """Summed cross-entropy of `hidden @ weight.T` against `targets` (-100: no loss), divided by `divisor`.
+    """Summed cross-entropy of `hidden @ weight.T` against `targets` (every row labelled), divided by `divisor`.
 
     The gradients are computed in the forward, chunk by chunk, while each chunk's logits are at hand: with d the
-    divisor, d loss / d logits = (softmax - one-hot) / d on the labelled rows. The backward only scales them by the
-    incoming gradient, so this is for a loss that is backpropagated as is (a Trainer's training step).
+    divisor, d loss / d logits = (softmax - one-hot) / d. The backward only scales them by the incoming gradient, so
+    this is for a loss that is backpropagated as is (a Trainer's training step).
     """
 
     @staticmethod
@@ -144,16 +144,14 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
         for start in range(0, hidden.shape[0], chunk):
             rows, labels = hidden[start:start + chunk], targets[start:start + chunk]
-            labelled = labels != -100
-            labels = labels.clamp(min=0)
             logits = (rows @ weight.T).float()
             log_normalizer = torch.logsumexp(logits, dim=-1)
             picked = logits.gather(-1, labels[:, None]).squeeze(-1)
-            total += ((log_normalizer - picked) * labelled).sum()
+            total += (log_normalizer - picked).sum()
             # the logits become d loss / d logits, in place (no second [chunk, vocab] buffer)
             logits.sub_(log_normalizer[:, None]).exp_()
             logits.scatter_add_(-1, labels[:, None], -torch.ones_like(picked)[:, None])
-            logits.mul_((labelled / divisor)[:, None])
+            logits.mul_(1 / divisor)
             grad = logits.to(dtype)
             grad_hidden[start:start + chunk] = grad @ weight
             if dtype == weight.dtype:
@@ -172,8 +170,11 @@ class ChunkedCrossEntropy(torch.autograd.Function):
 def chunked_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                     num_items_in_batch: torch.Tensor | int | None = None, chunk: int = LOSS_CHUNK) -> torch.Tensor:
     """transformers' causal-LM loss (mean over labelled positions, or sum / `num_items_in_batch`) of the already
-    shifted `hidden` [n, hidden] and `targets` [n]. Without grad it only computes the loss, chunk by chunk."""
-    divisor = (targets != -100).sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+    shifted `hidden` [n, hidden] and `targets` [n]. Without grad it only computes the loss, chunk by chunk.
+    Positions labelled -100 (padding, unlearned ones) skip the head: their loss and gradient are 0."""
+    labelled = targets != -100
+    divisor = labelled.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+    hidden, targets = hidden[labelled], targets[labelled]
     divisor = torch.as_tensor(divisor, device=hidden.device, dtype=torch.float32)
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         return ChunkedCrossEntropy.apply(hidden, weight, targets, divisor, chunk)
@@ -203,8 +204,6 @@ def use_chunked_lm_loss(model: torch.nn.Module, chunk: int = LOSS_CHUNK) -> bool
         kwargs.pop("logits_to_keep", None)
         hidden = self.base_model(*args, **kwargs).last_hidden_state
         hidden, targets = hidden[:, :-1].reshape(-1, hidden.shape[-1]), labels[:, 1:].reshape(-1)
-        labelled = targets != -100  # padding and unlearned positions skip the head: their loss and gradient are 0
-        hidden, targets = hidden[labelled], targets[labelled]
         loss = chunked_lm_loss(hidden, self.get_output_embeddings().weight, targets, num_items_in_batch, chunk)
         return CausalLMOutputWithPast(loss=loss)
 
