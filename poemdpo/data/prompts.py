@@ -5,8 +5,8 @@ from __future__ import annotations
 import re
 
 INSTRUCTION = "請用以下題目寫一首詩"
-SPECIAL_TOKENS = ("<INS>", "<INP>", "<RES>")
 RESPONSE_MARKER = "<RES>"  # the prompt's last token: the poem follows
+SPECIAL_TOKENS = ("<INS>", "<INP>", RESPONSE_MARKER)
 PROMPT_TEMPLATE = "<INS>" + INSTRUCTION + "<INP>{title}<RES>"
 
 
