@@ -339,6 +339,7 @@ def test_a_rhyme_rule_takes_the_rhyme_road_base_with_groups_slot_fine_tune_then_
     base = stages.command("train_base.py")  # its own base model, trained with rhyme-group directions
     assert base[base.index("--output_dir") + 1] == "data/base_model_rhyme"
     assert base[base.index("--rhyme_group_init") + 1] == "1.0"
+    assert base[base.index("--prompt_loss") + 1] == "all"  # after --config: the road's flag wins over the recipe's
     builds = [HfArgumentParser(BuildArguments).parse_args_into_dataclasses(args=c[1:])[0]
               for _, c in stages.commands if c[0] == "build_dataset.py"]
     assert [(b.rule, b.output_dir) for b in builds] == [("five_char_rhyme", "data/pairs_five_char_rhyme"),
@@ -375,6 +376,31 @@ def test_a_rhyme_rule_takes_the_rhyme_road_base_with_groups_slot_fine_tune_then_
     sft = stages.command("train_sft.py")
     assert sft[sft.index("--dataset_name") + 1] == "data/pairs_rhyme"
     assert sft[sft.index("--output_dir") + 1] == "data/slot_sft_rhyme"
+
+
+def test_the_rhyme_road_refuses_its_base_if_it_learned_another_share_of_the_prompt(stages, tmp_path):
+    base = tmp_path / "data" / "base_model_rhyme"
+    base.mkdir(parents=True)
+    (base / "config.json").write_text("{}", encoding="utf-8")
+    (base / "poemdpo.json").write_text(json.dumps({"stage": "base_model", "prompt_loss": "text"}), encoding="utf-8")
+    with pytest.raises(SystemExit, match="data/base_model_rhyme was trained with prompt_loss text, not the rhyme "
+                                         "road's all; delete it"):
+        pipeline.main(["--rule", "gelv", "--method", "slot_sft"])
+    assert stages.commands == []  # refused before any stage ran
+    (base / "poemdpo.json").write_text(json.dumps({"stage": "base_model", "prompt_loss": "all"}), encoding="utf-8")
+    pipeline.main(["--rule", "five_char_rhyme", "--max_steps", "3"])
+    assert "train_base.py" not in stages.scripts()  # the base is reused
+
+
+def test_the_rhyme_road_refuses_a_fine_tune_whose_base_is_gone(stages, tmp_path):
+    sft = tmp_path / "data" / "slot_sft_rhyme"
+    sft.mkdir(parents=True)
+    (sft / "config.json").write_text("{}", encoding="utf-8")
+    (sft / "poemdpo.json").write_text(json.dumps({"base_model": "data/base_model_rhyme", **slot_sft_settings()}),
+                                      encoding="utf-8")
+    with pytest.raises(SystemExit, match="fine-tuned from an earlier data/base_model_rhyme, which is gone; delete it"):
+        pipeline.main(["--rule", "five_char_rhyme"])  # a new base would be trained under the fine-tune's feet
+    assert stages.commands == []
 
 
 def test_the_rhyme_road_refuses_a_fine_tune_of_another_base_and_trains_a_named_base_with_groups(stages, tmp_path,
