@@ -262,6 +262,11 @@ def recipe_of(args: PipelineArguments) -> str:
     return args.config or args.dpo_config or recipe
 
 
+def left_by_a_run(model_dir: str) -> bool:
+    """Whether `model_dir` (under ROOT) holds a model an earlier run saved: its config.json is there."""
+    return (ROOT / model_dir / "config.json").is_file()
+
+
 def first_recipe_of(args: PipelineArguments) -> str:
     """The recipe of the stage a STARTS_FROM method goes on from: --dpo_config, else that method's own."""
     return args.dpo_config or METHODS[STARTS_FROM[args.method]][1]
@@ -283,7 +288,7 @@ def check_rhyme_base(base_model: str) -> None:
     """The rhyme road's own base, left by an earlier run, is reused only if it learned what RHYME_BASE_FLAGS ask of
     the prompt (a base from before prompt_loss existed learned all of it)."""
     wanted = RHYME_BASE_FLAGS[RHYME_BASE_FLAGS.index("--prompt_loss") + 1]
-    if base_model != RHYME_BASE or not (ROOT / base_model / "config.json").is_file():
+    if base_model != RHYME_BASE or not left_by_a_run(base_model):
         return
     trained = read_run_info(ROOT / base_model).get("prompt_loss", "all")
     if trained != wanted:
@@ -294,7 +299,7 @@ def check_rhyme_base(base_model: str) -> None:
 def check_slot_sft(base_model: str) -> None:
     """A fine-tune left by an earlier run is reused only if it was made from this run's base model, with the
     recipe's settings, and that base is still there (otherwise a stale fine-tune would be reused without a word)."""
-    if not (ROOT / SLOT_SFT_DIR / "config.json").is_file():
+    if not left_by_a_run(SLOT_SFT_DIR):
         return
     info = read_run_info(ROOT / SLOT_SFT_DIR)
     if info.get("base_model") != base_model:
@@ -307,7 +312,7 @@ def check_slot_sft(base_model: str) -> None:
         if key in recipe and info.get(key) != recipe[key]:
             sys.exit(f"pipeline: {SLOT_SFT_DIR} was fine-tuned with {key} {info.get(key)}, not the recipe's "
                      f"{recipe[key]} ({METHODS['slot_sft'][1]}); delete it to fine-tune again")
-    if not (ROOT / base_model / "config.json").is_file():  # the base is about to be trained anew
+    if not left_by_a_run(base_model):  # the base is about to be trained anew
         sys.exit(f"pipeline: {SLOT_SFT_DIR} was fine-tuned from an earlier {base_model}, which is gone; delete it "
                  f"to fine-tune again from the base this run trains")
 
@@ -316,7 +321,7 @@ def slot_sft_stage(args: PipelineArguments, model: str, dataset: list[str], seco
     """The rhyme slot fine-tune slot_sft_grpo goes on from, into data/slot_sft_rhyme; trained if missing, as the
     base model is (its poems and recipe do not depend on the run's rule), and refused if another base made it."""
     out = SLOT_SFT_DIR
-    if not (ROOT / out / "config.json").is_file():
+    if not left_by_a_run(out):
         script, recipe, _ = METHODS["slot_sft"]
         inputs = training_inputs(model, sft_pairs(args, dataset, seconds), SFT_RULE)
         seconds["slot_sft"] = run_stage("slot_sft", [script, "--config", recipe, *inputs, "--output_dir", out])
@@ -360,7 +365,7 @@ def main(argv: list[str] | None = None) -> dict:
     seconds["dataset"] = run_stage("dataset", [*dataset, "--output_dir", pairs])
 
     # 2. The base model, if missing.
-    if not (ROOT / args.base_model / "config.json").is_file():
+    if not left_by_a_run(args.base_model):
         seconds["base model"] = run_stage("base model", ["train_base.py", "--config", args.base_config,
                                                          "--corpus", args.corpus, "--output_dir", args.base_model,
                                                          *base_flags, *splits])
@@ -386,7 +391,7 @@ def main(argv: list[str] | None = None) -> dict:
         common = training_inputs(model, sft_pairs(args, dataset, seconds), SFT_RULE)
     if args.method == "grpo_reward_model":
         reward_dir = args.reward_model or f"data/reward_model_{args.rule}"
-        if not (ROOT / reward_dir / "config.json").is_file():
+        if not left_by_a_run(reward_dir):
             reward_script, reward_recipe, _ = METHODS["reward_model"]
             seconds["reward_model"] = run_stage("reward_model", [reward_script, "--config", reward_recipe, *common,
                                                                  "--output_dir", reward_dir])
